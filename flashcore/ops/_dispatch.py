@@ -1,0 +1,109 @@
+"""One backend table per op, chosen at call time.
+
+Order of precedence: an explicit ``backend=`` argument, then the innermost
+``use_backend(...)`` context, then ``FLASHCORE_BACKEND``, then ``auto``.
+``auto`` picks, for a CUDA tensor, triton > cuda > reference and, for a CPU
+tensor, cpp > reference, keeping only backends that are built and accept the
+inputs. A backend that was asked for but cannot take the inputs falls back to
+the reference with a one-time warning. Nothing is swapped at import time: a
+new backend is one ``register(...)`` row.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+BACKENDS = ("reference", "cpp", "cuda", "triton")
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "reference")}
+_local = threading.local()
+_warned: set[tuple[str, str, str]] = set()
+
+
+@dataclass
+class Row:
+    impl: Callable
+    available: Callable[[], bool]          # is it built / importable at all
+    supports: Callable[..., str | None]     # None if it takes these inputs, else why not
+
+
+_TABLES: dict[str, dict[str, Row]] = {}
+
+
+def register(op: str, backend: str, impl: Callable, *, available: Callable[[], bool] = lambda: True,
+             supports: Callable[..., str | None] = lambda *a, **k: None) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _TABLES.setdefault(op, {})[backend] = Row(impl, available, supports)
+
+
+def table(op: str) -> dict[str, Row]:
+    return _TABLES[op]
+
+
+def available_backends(op: str) -> list[str]:
+    return [b for b, row in _TABLES[op].items() if row.available()]
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """``with flashcore.ops.use_backend("reference"): ...`` for every op inside."""
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"use_backend: unknown backend {name!r}; expected one of {BACKENDS + ('auto',)}")
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def requested_backend(explicit: str | None = None) -> str:
+    if explicit is not None:
+        name = explicit
+    elif getattr(_local, "stack", None):
+        name = _local.stack[-1]
+    else:
+        name = os.environ.get("FLASHCORE_BACKEND", "auto") or "auto"
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"backend: unknown backend {name!r}; expected one of {BACKENDS + ('auto',)}")
+    return name
+
+
+def _warn_once(op: str, backend: str, why: str) -> None:
+    key = (op, backend, why)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"flashcore.ops.{op}: backend {backend!r} not used ({why}); "
+                      f"falling back to the reference", RuntimeWarning, stacklevel=4)
+
+
+def resolve(op: str, device_type: str, explicit: str | None, *args, **kwargs) -> str:
+    """Name of the backend that will run ``op`` on these inputs."""
+    rows = _TABLES[op]
+    name = requested_backend(explicit)
+    if name == "auto":
+        for cand in _AUTO_ORDER.get(device_type, ("reference",)):
+            row = rows.get(cand)
+            if row is not None and row.available() and row.supports(*args, **kwargs) is None:
+                return cand
+        return "reference"
+    row = rows.get(name)
+    if row is None or not row.available():
+        why = "not built" if row is not None else "no such kernel for this op"
+        _warn_once(op, name, why)
+        return "reference"
+    why = row.supports(*args, **kwargs)
+    if why is not None:
+        _warn_once(op, name, why)
+        return "reference"
+    return name
+
+
+def run(op: str, backend: str, *args, **kwargs):
+    return _TABLES[op][backend].impl(*args, **kwargs)

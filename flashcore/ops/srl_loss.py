@@ -1,0 +1,140 @@
+"""Shifted Reconstruction Loss (Imagine Flash, Kohler et al., arXiv 2405.05224).
+
+Notation: x_t = a_t x0 + s_t eps; the student predicts eps_S at (x_t, t).
+
+    1. x0_S     = (x_t - s_t eps_S) / a_t                       (student's x0)
+    2. loss     = mean((x0_T - x0_S)^2)                          (x0_T: teacher target)
+    3. dL/deps_S = -(s_t / a_t) * 2 (x0_S - x0_T) / N            (N = numel)
+
+``srl_loss`` returns the scalar loss (float32, float64 for float64 inputs);
+its fused kernels compute lines 1-3 in one pass and keep the gradient for
+backward, which only scales it by the incoming gradient. The gradient also
+flows to ``x_t`` (``dL/dx_t = -dL/deps_S / s_t``) and the target
+(``dL/dx0_T = (a_t / s_t) dL/deps_S``) if they require it; in distillation
+they do not, so only the student is trained.
+
+``srl_renoise`` is the re-noising of the student's x0 to the teacher time
+tau: ``chi = a_tau x0_S + s_tau eps'`` (one pass, output in the input dtype).
+
+Dtypes: float16/bfloat16/float32/float64; accumulation in float32 (float64).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _checks, _dispatch
+
+OP = "srl_loss"
+OP_RENOISE = "srl_renoise"
+
+
+def srl_loss_ref(x_t, eps_s, x0_target, a_t: float, s_t: float):
+    """Reference: returns ``(loss, grad_eps)``; ``grad_eps`` in the input dtype."""
+    acc = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+    x0_s = (x_t.to(acc) - s_t * eps_s.to(acc)) / a_t           # 1.
+    diff = x0_s - x0_target.to(acc)
+    loss = diff.square().mean()                                # 2.
+    grad = (-(s_t / a_t) * 2.0 / diff.numel()) * diff          # 3.
+    return loss, grad.to(x_t.dtype)
+
+
+def srl_renoise_ref(x0, noise, a: float, s: float):
+    acc = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    return (a * x0.to(acc) + s * noise.to(acc)).to(x0.dtype)
+
+
+_dispatch.register(OP, "reference", srl_loss_ref)
+_dispatch.register(OP_RENOISE, "reference", srl_renoise_ref)
+
+
+@torch.library.custom_op("flashcore::srl_loss", mutates_args=())
+def _srl_loss_op(x_t: torch.Tensor, eps_s: torch.Tensor, x0_target: torch.Tensor, a_t: float,
+                 s_t: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    name = _dispatch.resolve(OP, x_t.device.type, backend or None, x_t, eps_s, x0_target, a_t, s_t)
+    return _dispatch.run(OP, name, x_t, eps_s, x0_target, a_t, s_t)
+
+
+@_srl_loss_op.register_fake
+def _(x_t, eps_s, x0_target, a_t, s_t, backend):
+    acc = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+    return x_t.new_empty((), dtype=acc), torch.empty_like(x_t)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.k = (inputs[3], inputs[4])
+
+
+def _backward(ctx, g_loss, _g_grad):
+    (grad_eps,) = ctx.saved_tensors
+    a_t, s_t = ctx.k
+    g = g_loss.to(grad_eps.dtype)
+    g_eps = g * grad_eps if ctx.needs_input_grad[1] else None
+    g_xt = g * grad_eps * (-1.0 / s_t) if ctx.needs_input_grad[0] else None
+    g_tgt = g * grad_eps * (a_t / s_t) if ctx.needs_input_grad[2] else None
+    return g_xt, g_eps, g_tgt, None, None, None
+
+
+_srl_loss_op.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("flashcore::srl_renoise", mutates_args=())
+def _srl_renoise_op(x0: torch.Tensor, noise: torch.Tensor, a: float, s: float,
+                    backend: str) -> torch.Tensor:
+    name = _dispatch.resolve(OP_RENOISE, x0.device.type, backend or None, x0, noise, a, s)
+    return _dispatch.run(OP_RENOISE, name, x0, noise, a, s)
+
+
+@_srl_renoise_op.register_fake
+def _(x0, noise, a, s, backend):
+    return torch.empty_like(x0)
+
+
+def _setup_r(ctx, inputs, output):
+    ctx.k = (inputs[2], inputs[3])
+
+
+def _backward_r(ctx, g):
+    a, s = ctx.k
+    return g * a, g * s, None, None, None
+
+
+_srl_renoise_op.register_autograd(_backward_r, setup_context=_setup_r)
+
+
+def _check_ts(a_t, s_t):
+    a_t = _checks.scalar(OP, "a_t", a_t)
+    s_t = _checks.scalar(OP, "s_t", s_t)
+    if a_t <= 0 or s_t <= 0:
+        raise ValueError(f"{OP}: a_t and s_t must be > 0, got a_t={a_t}, s_t={s_t}")
+    return a_t, s_t
+
+
+def srl_loss(x_t: torch.Tensor, eps_s: torch.Tensor, x0_target: torch.Tensor, *, a_t: float,
+             s_t: float, backend: str | None = None) -> torch.Tensor:
+    """Shifted Reconstruction Loss ``mean((x0_target - x0_hat(x_t, eps_s, t))^2)``.
+
+    Args:
+        x_t: the student's input state (B, ...), no gradient needed.
+        eps_s: the student's noise prediction, same shape/dtype/device; gets the gradient.
+        x0_target: the teacher's x0 from the re-noised state, same shape/dtype/device.
+        a_t, s_t: schedule values at the student's time t (both > 0).
+        backend: see ``flashcore.ops``.
+    Returns:
+        scalar loss, float32 (float64 for float64 inputs).
+    """
+    _checks.tensor(OP, "x_t", x_t)
+    _checks.tensor(OP, "eps_s", eps_s, like=x_t, like_name="x_t")
+    _checks.tensor(OP, "x0_target", x0_target, like=x_t, like_name="x_t")
+    a_t, s_t = _check_ts(a_t, s_t)
+    return _srl_loss_op(x_t, eps_s, x0_target, a_t, s_t, backend or "")[0]
+
+
+def srl_renoise(x0: torch.Tensor, noise: torch.Tensor, *, a: float, s: float,
+                backend: str | None = None) -> torch.Tensor:
+    """``chi = a * x0 + s * noise``: the student's x0 re-noised to the teacher time."""
+    _checks.tensor(OP_RENOISE, "x0", x0)
+    _checks.tensor(OP_RENOISE, "noise", noise, like=x0, like_name="x0")
+    a = _checks.scalar(OP_RENOISE, "a", a, lo=0.0)
+    s = _checks.scalar(OP_RENOISE, "s", s, lo=0.0)
+    return _srl_renoise_op(x0, noise, a, s, backend or "")
