@@ -1,5 +1,6 @@
 // The one place where flashcore's native schemas are declared. Each device's
 // implementations register separately (csrc/cpu/*.cpp: CPU, csrc/cuda/*: CUDA).
+// The arguments mirror the Python contracts in flashcore/ops/<op>.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -11,6 +12,16 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(flashcore_C, m) {
-  // chi = a * x0 + s * noise (the SRL re-noising), see flashcore/ops/srl_loss.py
+  // -> (x_next, x0); see flashcore/ops/sampler_step.py
+  m.def("sampler_step(Tensor x_t, Tensor eps_c, Tensor? eps_u, Tensor? x_T, float a_t, float s_t, "
+        "float a_s, float s_s, float guidance, bool noise_correction, float clip) -> (Tensor, Tensor)");
+  // -> (loss, grad_eps); see flashcore/ops/srl_loss.py
+  m.def("srl_loss(Tensor x_t, Tensor eps_s, Tensor x0_target, float a_t, float s_t) -> (Tensor, Tensor)");
+  // chi = a * x0 + s * noise
   m.def("srl_renoise(Tensor x0, Tensor noise, float a, float s) -> Tensor");
+  // -> (out, lse); see flashcore/ops/attention.py
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  // -> (dq, dk, dv)
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) "
+        "-> (Tensor, Tensor, Tensor)");
 }

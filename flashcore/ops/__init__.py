@@ -9,7 +9,8 @@ from ._dispatch import BACKENDS, available_backends, register, use_backend
 from .attention import attention, attention_bwd_ref, attention_ref
 from .sampler_step import sampler_step, sampler_step_ref
 from .srl_loss import srl_loss, srl_loss_ref, srl_renoise, srl_renoise_ref
-from . import _native  # noqa: F401  (registers the C++ rows when the extension is built)
+# backend rows: each module registers its rows when its kernels are available
+from . import _cuda, _native, _triton  # noqa: F401,E402
 
 __all__ = ["BACKENDS", "available_backends", "register", "use_backend", "attention",
            "attention_ref", "attention_bwd_ref", "sampler_step", "sampler_step_ref", "srl_loss",
