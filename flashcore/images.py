@@ -1,0 +1,35 @@
+"""Image grids as PNG files (no plotting library needed)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def grid(x: torch.Tensor, nrow: int, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+    imgs = to_uint8(x)
+    b, h, w, c = imgs.shape
+    ncol = -(-b // nrow)
+    out = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), pad_value, np.uint8)
+    for i in range(b):
+        r, q = divmod(i, nrow)
+        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = imgs[i]
+    return out
+
+
+def save_png(arr: np.ndarray, path: str, scale: int = 1) -> None:
+    from PIL import Image
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    im = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    if scale != 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    tmp = path + ".tmp.png"
+    im.save(tmp)
+    os.replace(tmp, path)

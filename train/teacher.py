@@ -1,0 +1,137 @@
+"""Teacher training: class-conditional epsilon prediction (Ho et al. 2020)
+with label dropout for classifier-free guidance (Ho & Salimans 2022).
+
+    x0, c ~ data (train split);  t ~ U{0..T};  eps ~ N(0, I)
+    c' = null with probability p_uncond (once per sample)
+    loss = mean((model(a_t x0 + s_t eps, t, c') - eps)^2)
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from flashcore import data as fdata
+from flashcore.images import grid, save_png
+from flashcore.models import Denoiser, ModelConfig, save_pretrained
+from flashcore.sampler import sample
+from flashcore.schedule import NoiseSchedule, ScheduleConfig
+
+from . import common
+
+
+@dataclass
+class TeacherConfig:
+    data: str = "mnist"
+    steps: int = 6000
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup: int = 200
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    p_uncond: float = 0.1
+    guidance: float = 2.0           # saved with the model: the default CFG scale at sampling
+    sample_steps: int = 25          # for the sample grids written at checkpoints
+    checkpoint_every: int = 500
+    seed: int = 0
+    bf16: bool = True               # bf16 autocast for forward/backward (fp32 master weights)
+    threads: int = 0                # 0: torch's default
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    @staticmethod
+    def from_dict(d: dict) -> "TeacherConfig":
+        d = dict(d)
+        d["schedule"] = ScheduleConfig(**d.get("schedule", {}))
+        d["model"] = ModelConfig(**d.get("model", {}))
+        return TeacherConfig(**d)
+
+
+def export(run_dir: str, ema: Denoiser, cfg: TeacherConfig, step: int, name: str = "teacher") -> str:
+    out = os.path.join(run_dir, name)
+    save_pretrained(ema, out, {"kind": "teacher", "guidance": cfg.guidance, "data": cfg.data,
+                               "schedule": dataclasses.asdict(cfg.schedule), "train_steps": step,
+                               "train_config": dataclasses.asdict(cfg)}, dtype=torch.float16)
+    return out
+
+
+def sample_grid(ema: Denoiser, sched: NoiseSchedule, cfg: TeacherConfig, shape, path: str, steps: int,
+                guidance: float) -> None:
+    labels = torch.arange(ema.cfg.num_classes).repeat_interleave(8)
+    g = torch.Generator().manual_seed(1234)
+    x = sample(ema, labels, schedule=sched, steps=steps, shape=shape, guidance=guidance, generator=g)
+    save_png(grid(x, nrow=8), path, scale=2)
+
+
+def train_teacher(cfg: TeacherConfig, run_dir: str, resume: bool = False, progress: bool = True,
+                  max_steps_this_call: int | None = None) -> str:
+    """Train (or resume) a teacher in ``run_dir``; returns the exported model directory."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    os.makedirs(run_dir, exist_ok=True)
+    if not resume and common.has_state(run_dir):
+        raise ValueError(f"train-teacher: {run_dir!r} already holds a run; pass --resume or use a new --out")
+    if resume:
+        if not common.has_state(run_dir):
+            raise ValueError(f"train-teacher: nothing to resume in {run_dir!r}")
+        cfg = TeacherConfig.from_dict({**common.saved_config(run_dir), "steps": cfg.steps})
+    ds = fdata.load(cfg.data, size=cfg.model.sample_size, channels=cfg.model.channels)
+    if ds.shape != (cfg.model.channels, cfg.model.sample_size, cfg.model.sample_size):
+        cfg.model = dataclasses.replace(cfg.model, channels=ds.shape[0], sample_size=ds.shape[1])
+    cfg.model = dataclasses.replace(cfg.model, num_classes=ds.num_classes)
+    x_train, y_train = fdata.split(ds, "train")
+    sched = NoiseSchedule(cfg.schedule)
+
+    torch.manual_seed(cfg.seed)
+    model = Denoiser(cfg.model).train()
+    ema = common.make_ema(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    if resume:
+        st = common.load_state(run_dir, {"model": model, "ema": ema}, {"opt": opt}, {"data": gen},
+                               "TeacherConfig")
+        step = st["step"]
+    log = common.LossLog(run_dir, step if resume else None)
+
+    def checkpoint(s: int) -> None:
+        common.save_state(run_dir, s, {"model": model, "ema": ema}, {"opt": opt}, {"data": gen}, cfg)
+        export(run_dir, ema, cfg, s)
+        sample_grid(ema, sched, cfg, ds.shape, os.path.join(run_dir, "samples", f"step_{s:06d}.png"),
+                    cfg.sample_steps, cfg.guidance)
+
+    stop = common.GracefulStop()
+    end = cfg.steps if max_steps_this_call is None else min(cfg.steps, step + max_steps_this_call)
+    bar = common.progress(cfg.steps, step, "train-teacher", progress)
+    try:
+        while step < end and not stop.requested:
+            idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
+            x0, c = x_train[idx], y_train[idx]                              # (B, C, H, W), (B,)
+            t = torch.randint(0, sched.T + 1, (cfg.batch_size,), generator=gen)
+            eps = torch.randn(x0.shape, generator=gen)
+            c = model.drop_labels(c, cfg.p_uncond, generator=gen)
+            x_t = sched.add_noise(x0, eps, t)
+            for gparam in opt.param_groups:
+                gparam["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                pred = model(x_t, t, c)
+            loss = (pred.float() - eps).square().mean()
+            common.check_finite(loss, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            common.ema_update(ema, model, cfg.ema_decay if step >= cfg.warmup else 0.0)
+            step += 1
+            log.append(step, [loss.item()])
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if step % cfg.checkpoint_every == 0 and step < end:
+                checkpoint(step)
+    finally:
+        bar.close()
+        stop.restore()
+    checkpoint(step)
+    return os.path.join(run_dir, "teacher")
