@@ -1,0 +1,261 @@
+"""FlashAttention-2 forward and backward in Triton (non-causal, no mask).
+
+Notation as in ``flashcore.ops.attention``: q (B, H, Nq, D), k (B, H, Nk, D),
+v (B, H, Nk, Dv), c = scale. Scores are kept in base 2 (``c2 = c log2 e``) so
+the exponentials are ``exp2``; lse is stored in natural log, float32.
+
+Forward, one program per (BLOCK_M query rows, b*h), online softmax over K/V tiles:
+    1. s   = c2 q k_j^T                      (BLOCK_M, BLOCK_N), masked past Nk
+    2. m'  = max(m, rowmax s);  alpha = 2^(m - m');  p = 2^(s - m')
+    3. l   = alpha l + rowsum p;  acc = alpha acc + p v_j
+    4. O   = acc / l;  lse = ln 2 (m + log2 l)
+
+Backward (Dao 2023, Algorithm 2, split in two kernels so no atomics are needed):
+    0. Delta = rowsum(dO * O)                                      (preprocess)
+    1. per K/V tile: for every q tile  P^T = 2^(c2 k q^T - lse log2 e)
+       dV += P^T dO;  dS^T = P^T (v dO^T - Delta);  dK += c dS^T q
+    2. per q tile: for every K/V tile  dQ += c dS k
+
+Head dims that are not powers of two (40, 80) are padded to BLOCK_D with
+masked loads: the padded lanes load zeros and contribute nothing to q k^T or
+to p v. Any strides are accepted; outputs are contiguous.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._tuning import INTERPRET, autotune, cfg
+
+LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)              # the same constants, readable inside kernels
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _dot(a, b, DOT_F32: tl.constexpr):
+    # DOT_F32: exact fp32 products (fp32 inputs, where tf32 would break the
+    # error rule, and bf16 under the interpreter, whose bf16 dot is wrong).
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+def _fits(config, args) -> bool:
+    # 128-row tiles with a 256-wide head overflow shared memory and registers.
+    return not (args.get("BLOCK_D", 64) > 128 and config.kwargs.get("BLOCK_M", 0) * config.kwargs.get("BLOCK_N", 0) > 64 * 64)
+
+
+# Ampere: 164 KB (A100) / 100 KB (sm_86) shared memory, mma.sync; Hopper: 228 KB, wgmma
+# with 8 warps (two warp groups) over 128-row tiles.
+FWD_AMPERE = [cfg(4, 3, BLOCK_M=128, BLOCK_N=64), cfg(4, 2, BLOCK_M=64, BLOCK_N=64),
+              cfg(8, 3, BLOCK_M=128, BLOCK_N=32), cfg(4, 4, BLOCK_M=64, BLOCK_N=32)]
+FWD_HOPPER = [cfg(8, 3, BLOCK_M=128, BLOCK_N=128), cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
+              cfg(4, 4, BLOCK_M=64, BLOCK_N=64), cfg(4, 3, BLOCK_M=64, BLOCK_N=32)]
+BWD_AMPERE = [cfg(4, 2, BLOCK_M=32, BLOCK_N=64), cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
+              cfg(8, 2, BLOCK_M=64, BLOCK_N=128), cfg(4, 2, BLOCK_M=32, BLOCK_N=32)]
+BWD_HOPPER = [cfg(8, 3, BLOCK_M=64, BLOCK_N=128), cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
+              cfg(8, 2, BLOCK_M=128, BLOCK_N=64), cfg(4, 2, BLOCK_M=32, BLOCK_N=64)]
+INTERP = cfg(4, 1, BLOCK_M=16, BLOCK_N=16)   # small tiles: the interpreter runs numpy per tile
+DQ_AMPERE = [cfg(4, 2, BLOCK_M=64, BLOCK_N=32), cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
+             cfg(8, 2, BLOCK_M=128, BLOCK_N=64), cfg(4, 2, BLOCK_M=32, BLOCK_N=32)]
+DQ_HOPPER = [cfg(8, 3, BLOCK_M=128, BLOCK_N=64), cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
+             cfg(8, 2, BLOCK_M=64, BLOCK_N=128), cfg(4, 2, BLOCK_M=32, BLOCK_N=64)]
+
+
+@autotune(ampere=FWD_AMPERE, hopper=FWD_HOPPER, interp=INTERP, key=["N_Q", "N_K", "HEAD_D", "HEAD_DV"],
+          fits=_fits)
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, c2,
+              sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+              H, N_Q, N_K, HEAD_D, HEAD_DV,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols0 = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    row_ok = rows < N_Q
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :] * sqd,
+                mask=row_ok[:, None] & (d[None, :] < HEAD_D), other=0.0)          # (BM, BD)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for start in range(0, N_K, BLOCK_N):
+        cols = start + cols0
+        col_ok = cols < N_K
+        kt = tl.load(k_base + cols[None, :] * skn + d[:, None] * skd,
+                     mask=col_ok[None, :] & (d[:, None] < HEAD_D), other=0.0)     # (BD, BN)
+        s = _dot(q, kt, DOT_F32) * c2                                              # 1.
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))                                      # 2.
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)                                           # 3.
+        vt = tl.load(v_base + cols[:, None] * svn + dv[None, :] * svd,
+                     mask=col_ok[:, None] & (dv[None, :] < HEAD_DV), other=0.0)   # (BN, BDV)
+        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_F32)
+        m_i = m_new
+    acc = acc / l_i[:, None]                                                       # 4.
+    o_ptr = O + (bh * N_Q + rows[:, None]) * HEAD_DV + dv[None, :]
+    tl.store(o_ptr, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < HEAD_DV))
+    tl.store(LSE + bh * N_Q + rows, (m_i + tl.math.log2(l_i)) * _LN2, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, N_Q, HEAD_DV,
+                    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dv = tl.arange(0, BLOCK_DV)
+    mask = (rows[:, None] < N_Q) & (dv[None, :] < HEAD_DV)
+    o = tl.load(O + b * sob + h * soh + rows[:, None] * som + dv[None, :] * sod, mask=mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdm + dv[None, :] * sdd, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)                        # 0.
+    tl.store(DELTA + bh * N_Q + rows, delta, mask=rows < N_Q)
+
+
+@autotune(ampere=BWD_AMPERE, hopper=BWD_HOPPER, interp=INTERP, key=["N_Q", "N_K", "HEAD_D", "HEAD_DV"],
+          fits=_fits)
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, c, c2,
+                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+                   H, N_Q, N_K, HEAD_D, HEAD_DV,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)           # this program's keys
+    rows0 = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    col_ok = cols < N_K
+    k = tl.load(K + b * skb + h * skh + cols[:, None] * skn + d[None, :] * skd,
+                mask=col_ok[:, None] & (d[None, :] < HEAD_D), other=0.0)          # (BN, BD)
+    v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + dv[None, :] * svd,
+                mask=col_ok[:, None] & (dv[None, :] < HEAD_DV), other=0.0)        # (BN, BDV)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdb + h * sdh
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for start in range(0, N_Q, BLOCK_M):
+        rows = start + rows0
+        row_ok = rows < N_Q
+        q = tl.load(q_base + rows[:, None] * sqm + d[None, :] * sqd,
+                    mask=row_ok[:, None] & (d[None, :] < HEAD_D), other=0.0)      # (BM, BD)
+        do = tl.load(do_base + rows[:, None] * sdm + dv[None, :] * sdd,
+                     mask=row_ok[:, None] & (dv[None, :] < HEAD_DV), other=0.0)   # (BM, BDV)
+        lse = tl.load(LSE + bh * N_Q + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * N_Q + rows, mask=row_ok, other=0.0)
+        st = _dot(k, tl.trans(q), DOT_F32) * c2                                     # (BN, BM)
+        pt = tl.math.exp2(st - lse[None, :] * _LOG2E)
+        pt = tl.where(row_ok[None, :], pt, 0.0)      # padded q rows would give p = 1
+        dvacc += _dot(pt.to(do.dtype), do, DOT_F32)                                  # 1. dV
+        dpt = _dot(v, tl.trans(do), DOT_F32)                                         # (BN, BM)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst.to(q.dtype), q, DOT_F32)                                      # 1. dK / c
+    out = (bh * N_K + cols[:, None])
+    tl.store(DK + out * HEAD_D + d[None, :], (dk * c).to(DK.dtype.element_ty),
+             mask=col_ok[:, None] & (d[None, :] < HEAD_D))
+    tl.store(DV + out * HEAD_DV + dv[None, :], dvacc.to(DV.dtype.element_ty),
+             mask=col_ok[:, None] & (dv[None, :] < HEAD_DV))
+
+
+@autotune(ampere=DQ_AMPERE, hopper=DQ_HOPPER, interp=INTERP, key=["N_Q", "N_K", "HEAD_D", "HEAD_DV"],
+          fits=_fits)
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, c, c2,
+                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+                 H, N_Q, N_K, HEAD_D, HEAD_DV,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols0 = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    row_ok = rows < N_Q
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :] * sqd,
+                mask=row_ok[:, None] & (d[None, :] < HEAD_D), other=0.0)          # (BM, BD)
+    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdm + dv[None, :] * sdd,
+                 mask=row_ok[:, None] & (dv[None, :] < HEAD_DV), other=0.0)       # (BM, BDV)
+    lse = tl.load(LSE + bh * N_Q + rows, mask=row_ok, other=0.0) * _LOG2E
+    delta = tl.load(DELTA + bh * N_Q + rows, mask=row_ok, other=0.0)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, N_K, BLOCK_N):
+        cols = start + cols0
+        col_ok = cols < N_K
+        k = tl.load(k_base + cols[:, None] * skn + d[None, :] * skd,
+                    mask=col_ok[:, None] & (d[None, :] < HEAD_D), other=0.0)      # (BN, BD)
+        vt = tl.load(v_base + cols[None, :] * svn + dv[:, None] * svd,
+                     mask=col_ok[None, :] & (dv[:, None] < HEAD_DV), other=0.0)   # (BDV, BN)
+        s = _dot(q, tl.trans(k), DOT_F32) * c2
+        p = tl.where(col_ok[None, :], tl.math.exp2(s - lse[:, None]), 0.0)         # (BM, BN)
+        dp = _dot(do, vt, DOT_F32)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, DOT_F32)                                       # 2.
+    tl.store(DQ + (bh * N_Q + rows[:, None]) * HEAD_D + d[None, :], (dq * c).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (d[None, :] < HEAD_D))
+
+
+MAX_HEAD_DIM = 256
+
+
+def block_d(d: int) -> int:
+    """Padded head dim: a power of two, at least 16 (the smallest tl.dot K)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def _dot_f32(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
+
+
+def attention_fwd(q, k, v, scale: float):
+    """Returns ``(O, lse)`` like ``flashcore.ops.attention_ref``."""
+    B, H, Nq, D = q.shape
+    Nk, Dv = k.shape[2], v.shape[3]
+    out = torch.empty((B, H, Nq, Dv), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _attn_fwd[grid](q, k, v, out, lse, scale * LOG2E, *q.stride(), *k.stride(), *v.stride(),
+                    H, Nq, Nk, D, Dv, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv), DOT_F32=_dot_f32(q.dtype))
+    return out, lse
+
+
+def attention_bwd(dout, q, k, v, out, lse, scale: float):
+    """Returns ``(dq, dk, dv)`` like ``flashcore.ops.attention_bwd_ref``."""
+    B, H, Nq, D = q.shape
+    Nk, Dv = k.shape[2], v.shape[3]
+    lse = lse.float().contiguous()
+    delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    bd, bdv, f32 = block_d(D), block_d(Dv), _dot_f32(q.dtype)
+    pre_m = 16 if INTERPRET else 64
+    _attn_bwd_delta[(triton.cdiv(Nq, pre_m), B * H)](out, dout, delta, *out.stride(), *dout.stride(),
+                                                     H, Nq, Dv, BLOCK_M=pre_m, BLOCK_DV=bdv)
+    dq = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
+    dk = torch.empty((B, H, Nk, D), device=q.device, dtype=k.dtype)
+    dv = torch.empty((B, H, Nk, Dv), device=q.device, dtype=v.dtype)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    c2 = scale * LOG2E
+    _attn_bwd_dkdv[lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), B * H)](
+        q, k, v, dout, lse, delta, dk, dv, scale, c2, *strides, H, Nq, Nk, D, Dv,
+        BLOCK_D=bd, BLOCK_DV=bdv, DOT_F32=f32)
+    _attn_bwd_dq[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * H)](
+        q, k, v, dout, lse, delta, dq, scale, c2, *strides, H, Nq, Nk, D, Dv,
+        BLOCK_D=bd, BLOCK_DV=bdv, DOT_F32=f32)
+    return dq, dk, dv
+
