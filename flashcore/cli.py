@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+_ROOT = os.environ.get("FLASHCORE_HOME", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_TEACHER = os.path.join(_ROOT, "checkpoints", "mnist-teacher")
+DEFAULT_CLASSIFIER = os.path.join(_ROOT, "checkpoints", "mnist-classifier")
 
 
 def _positive(v: str) -> int:
@@ -61,7 +66,97 @@ def cmd_train_teacher(a) -> int:
     return 0
 
 
-COMMANDS = {"train-teacher": (_add_train_teacher, cmd_train_teacher)}
+def _add_train_classifier(sub):
+    p = sub.add_parser("train-classifier", help="train the metric classifier (FD features, accuracy)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--data", default="mnist")
+    p.add_argument("--epochs", type=_positive, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    return p
+
+
+def cmd_train_classifier(a) -> int:
+    import dataclasses
+
+    from flashcore.train.classifier import ClassifierTrainConfig, train_classifier
+    over = {k: v for k, v in {"epochs": a.epochs, "seed": a.seed}.items() if v is not None}
+    meta = train_classifier(dataclasses.replace(ClassifierTrainConfig(data=a.data), **over), a.out)
+    print(f"classifier saved to {a.out}: eval accuracy {meta['eval_accuracy']:.4f}")
+    return 0
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="FD, class accuracy and blank/washed shares of a model's samples")
+    p.add_argument("--model", required=True, help="teacher or student checkpoint directory")
+    p.add_argument("--classifier", default=DEFAULT_CLASSIFIER)
+    p.add_argument("--steps", type=_positive, required=True)
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's own)")
+    p.add_argument("--samples", type=_positive, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-noise-correction", action="store_true")
+    p.add_argument("--clip", type=float, default=0.0, help="clamp x0 to [-clip, clip] (0: off)")
+    p.add_argument("--json", default=None, help="write the result as JSON here")
+    return p
+
+
+def cmd_eval(a) -> int:
+    from flashcore.checkpoint import write_json
+    from flashcore.evaluate import evaluate
+    r = evaluate(a.model, a.classifier, steps=a.steps, guidance=a.cfg, samples=a.samples, seed=a.seed,
+                 noise_correction=not a.no_noise_correction, clip=a.clip)
+    if a.json:
+        write_json(a.json, r)
+    print(json.dumps(r, indent=2))
+    return 0
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="sample a grid of images from a model")
+    p.add_argument("--model", default=DEFAULT_TEACHER)
+    p.add_argument("--steps", type=_positive, default=50)
+    p.add_argument("--cfg", type=float, default=None)
+    p.add_argument("--per-class", type=_positive, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-noise-correction", action="store_true")
+    p.add_argument("--out", default="out/samples.png")
+    return p
+
+
+def cmd_generate(a) -> int:
+    import torch
+
+    from flashcore.evaluate import generate
+    from flashcore.images import grid, save_png
+    from flashcore.models import load_pretrained
+    model, meta = load_pretrained(a.model)
+    guidance = a.cfg if a.cfg is not None else float(meta.get("guidance") or 1.0)
+    labels = torch.arange(model.cfg.num_classes).repeat_interleave(a.per_class)
+    x, secs = generate(model, meta, labels, steps=a.steps, guidance=guidance,
+                       noise_correction=not a.no_noise_correction, seed=a.seed)
+    save_png(grid(x, nrow=a.per_class), a.out, scale=2)
+    print(f"{len(labels)} images, {a.steps} steps, cfg {guidance}: {secs:.2f} s "
+          f"({1000 * secs / len(labels):.1f} ms/image) -> {a.out}")
+    return 0
+
+
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="the shipped teacher draws a grid of digits, timed")
+    p.add_argument("--out", default="out/demo.png")
+    return p
+
+
+def cmd_demo(a) -> int:
+    return cmd_generate(argparse.Namespace(model=DEFAULT_TEACHER, steps=50, cfg=None, per_class=8, seed=0,
+                                           no_noise_correction=False, out=a.out))
+
+
+COMMANDS = {
+    "train-teacher": (_add_train_teacher, cmd_train_teacher),
+    "train-classifier": (_add_train_classifier, cmd_train_classifier),
+    "eval": (_add_eval, cmd_eval),
+    "generate": (_add_generate, cmd_generate),
+    "demo": (_add_demo, cmd_demo),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -137,7 +137,7 @@ class LossLog:
 
 
 def check_finite(loss: torch.Tensor, step: int) -> None:
-    v = float(loss)
+    v = float(loss.detach())
     if not math.isfinite(v):
         raise NonFiniteLoss(f"loss is {v} at step {step}; stopped, the last checkpoint is kept")
 

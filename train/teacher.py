@@ -121,7 +121,7 @@ def train_teacher(cfg: TeacherConfig, run_dir: str, resume: bool = False, progre
             common.check_finite(loss, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            common.check_finite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), step)
             opt.step()
             common.ema_update(ema, model, cfg.ema_decay if step >= cfg.warmup else 0.0)
             step += 1

@@ -126,7 +126,7 @@ def load_pretrained(path: str, *, kinds: tuple[str, ...] = ("teacher", "student"
     from diffusers import DiTTransformer2DModel, UNet2DModel
     cls = UNet2DModel if cfg.arch == "unet" else DiTTransformer2DModel
     try:
-        net = cls.from_pretrained(os.path.join(path, "model"), use_safetensors=True)
+        net = cls.from_pretrained(os.path.join(path, "model"), use_safetensors=True, low_cpu_mem_usage=False)
     except Exception as e:
         raise CheckpointError(f"checkpoint: cannot load weights from {path!r} ({e})") from None
     model = Denoiser(cfg, net.float()).eval()
