@@ -12,6 +12,7 @@ ext_modules = [CppExtension(
     "flashcore._C",
     sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")),
     extra_compile_args={"cxx": cxx},
+    define_macros=[("FLASHCORE_PYTHON_MODULE", None)],
     extra_link_args=["-fopenmp"],
     py_limited_api=False,
 )]

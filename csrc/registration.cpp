@@ -1,15 +1,18 @@
 // The one place where flashcore's native schemas are declared. Each device's
 // implementations register separately (csrc/cpu/*.cpp: CPU, csrc/cuda/*: CUDA).
 // The arguments mirror the Python contracts in flashcore/ops/<op>.py.
-#include <Python.h>
 #include <torch/library.h>
 
+#ifdef FLASHCORE_PYTHON_MODULE
+#include <Python.h>
 // `import flashcore._C` loads this library, which runs the registrations below;
-// the module itself is empty: the ops live under torch.ops.flashcore_C.
+// the module itself is empty: the ops live under torch.ops.flashcore_C. The
+// CMake build (no Python) loads the same code with torch.ops.load_library.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&def);
 }
+#endif
 
 TORCH_LIBRARY(flashcore_C, m) {
   // -> (x_next, x0); see flashcore/ops/sampler_step.py
