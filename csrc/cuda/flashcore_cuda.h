@@ -41,8 +41,10 @@ int fc_attention_bwd(const void* dout, const void* q, const void* k, const void*
                      const float* lse, void* dq, void* dk, void* dv, float* delta, int B, int H, int Nq, int Nk,
                      int D, int dtype, float scale, void* stream);
 
-// Dynamic shared memory (bytes) the attention kernels request for a dtype and head dim.
-int fc_attention_smem(int kernel, int dtype, int D);
+// Dynamic shared memory (bytes) per block that the attention kernels request for a
+// dtype and head dim (the backward's two main kernels request the same), or FC_ERR_*.
+int fc_attention_fwd_smem(int dtype, int D);
+int fc_attention_bwd_smem(int dtype, int D);
 
 #ifdef __cplusplus
 }

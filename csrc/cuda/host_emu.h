@@ -4,8 +4,9 @@
 // each thread of a block as a cooperative fiber (ucontext) and switches only at
 // barriers, which makes every run deterministic and lets it check what matters
 // for correctness on one core:
-//   - __syncthreads / __syncwarp are real barriers (a block whose threads can
-//     never all meet is reported as a deadlock instead of hanging);
+//   - __syncthreads / __syncwarp are real barriers that every thread of the
+//     block / warp must reach (one that some threads skip or exit before is
+//     reported as a deadlock instead of hanging);
 //   - __shfl_xor_sync / __shfl_down_sync exchange values between lanes;
 //   - dynamic shared memory is filled with NaN bytes at every block start, so a
 //     read of shared memory the kernel never wrote poisons the result;
@@ -73,16 +74,7 @@ struct Block {
   std::vector<uint64_t> shfl;              // one exchange slot per thread
   std::vector<unsigned char> smem;
   const std::function<void()>* body = nullptr;
-  int alive() const {
-    int a = 0;
-    for (const auto& f : fibers) a += !f.done;
-    return a;
-  }
-  int warp_alive(int w) const {
-    int a = 0;
-    for (int t = 32 * w; t < n && t < 32 * w + 32; ++t) a += !fibers[t].done;
-    return a;
-  }
+  int warp_size(int w) const { return n - 32 * w < 32 ? n - 32 * w : 32; }
 };
 
 inline Block*& current() {
@@ -97,14 +89,17 @@ inline void yield() {
   swapcontext(&b->fibers[b->cur].ctx, &b->sched);
 }
 
-// Release barriers that every live thread has reached (also after a thread exits).
+// Release the barriers that every thread of the block (of the warp) has reached.
+// Strict on purpose: a thread that exits never arrives, so a barrier inside a
+// branch that not all threads take ends as a reported deadlock, as the CUDA
+// programming guide says it may hang on hardware.
 inline void release_ready(Block* b) {
-  if (b->block_arrived > 0 && b->block_arrived >= b->alive()) {
+  if (b->block_arrived == b->n) {
     b->block_arrived = 0;
     ++b->block_gen;
   }
   for (size_t w = 0; w < b->warp_arrived.size(); ++w) {
-    if (b->warp_arrived[w] > 0 && b->warp_arrived[w] >= b->warp_alive(static_cast<int>(w))) {
+    if (b->warp_arrived[w] == b->warp_size(static_cast<int>(w))) {
       b->warp_arrived[w] = 0;
       ++b->warp_gen[w];
     }
@@ -138,7 +133,6 @@ inline void fiber_entry() {
   Block* b = current();
   (*b->body)();
   b->fibers[b->cur].done = true;
-  release_ready(b);
 }   // returns to b->sched through uc_link
 
 inline bool released(const Block& b, const Fiber& f, int t) {
@@ -190,7 +184,10 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, F&& kernel_call) {
   b.shfl.assign(b.n, 0);
   std::function<void()> body = kernel_call;
   b.body = &body;
-  current() = &b;
+  struct Current {   // reset even when a deadlock throws out of run_block
+    explicit Current(Block* b) { current() = b; }
+    ~Current() { current() = nullptr; }
+  } scope(&b);
   gridDim = grid;
   blockDim = block;
   for (unsigned z = 0; z < grid.z; ++z)
@@ -200,7 +197,6 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, F&& kernel_call) {
         b.smem.assign(smem_bytes + 128, 0xFF);   // NaN bytes: unwritten shared memory poisons results
         run_block(b, block);
       }
-  current() = nullptr;
 }
 
 template <typename T>

@@ -1,5 +1,102 @@
 """Rows for the CUDA C++ backend (csrc/cuda, built only with a CUDA torch).
 
-Filled in by the GPU-kernel work; until then no CUDA row is registered and
-dispatch never picks CUDA C++.
+The kernels register under ``torch.ops.flashcore_C`` for the CUDA dispatch key
+when ``flashcore._C_cuda`` is imported (after ``flashcore._C``, which declares
+the schemas). The rows are available only when that extension imports and a
+GPU is present. What they do not take falls back to the reference with a
+one-time warning: float64, head dims above 128 or a v head dim that differs
+from q's, empty tensors, and non-contiguous inputs (the kernels read dense
+memory; copying silently would hide a cost the caller can avoid).
 """
+from __future__ import annotations
+
+import torch
+
+from . import _dispatch
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128      # FC_ATTN_MAX_HEAD_DIM in csrc/cuda/flashcore_cuda.h
+
+try:  # built only where setup.py found a CUDA torch and toolkit
+    from .. import _C  # noqa: F401  - declares the schemas
+    from .. import _C_cuda  # noqa: F401
+    HAVE_CUDA_EXT = hasattr(torch.ops.flashcore_C, "attention_fwd")
+except ImportError:
+    HAVE_CUDA_EXT = False
+
+
+def _available() -> bool:
+    return HAVE_CUDA_EXT and torch.cuda.is_available()
+
+
+def _check(*tensors) -> str | None:
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type != "cuda":
+            return f"tensor on {t.device.type}, the cuda backend takes CUDA tensors"
+        if t.dtype not in DTYPES:
+            return f"dtype {t.dtype} (cuda takes float16/bfloat16/float32)"
+        if t.numel() == 0:
+            return "empty tensor"
+        if not t.is_contiguous():
+            return "non-contiguous input"
+    return None
+
+
+def _attention_ok(q, k, v) -> str | None:
+    why = _check(q, k, v)
+    if why is None and v.shape[-1] != q.shape[-1]:
+        why = f"v head dim {v.shape[-1]} differs from q's {q.shape[-1]}"
+    if why is None and q.shape[-1] > MAX_HEAD_DIM:
+        why = f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    return why
+
+
+def _sup_attention(q, k, v, scale):
+    return _attention_ok(q, k, v)
+
+
+def _sup_attention_bwd(dout, q, k, v, out, lse, scale):
+    return _attention_ok(q, k, v) or _check(dout, out)
+
+
+def _sup_step(x_t, eps_c, eps_u, x_T, *scalars):
+    return _check(x_t, eps_c, eps_u, x_T)
+
+
+def _sup_loss(x_t, eps_s, x0_target, a_t, s_t):
+    return _check(x_t, eps_s, x0_target)
+
+
+def _sup_renoise(x0, noise, a, s):
+    return _check(x0, noise)
+
+
+def _attention(q, k, v, scale):
+    return torch.ops.flashcore_C.attention_fwd(q, k, v, scale)
+
+
+def _attention_bwd(dout, q, k, v, out, lse, scale):
+    return torch.ops.flashcore_C.attention_bwd(dout, q, k, v, out, lse, scale)
+
+
+def _sampler_step(x_t, eps_c, eps_u, x_T, a_t, s_t, a_s, s_s, guidance=1.0, noise_correction=False, clip=0.0):
+    return torch.ops.flashcore_C.sampler_step(x_t, eps_c, eps_u, x_T, a_t, s_t, a_s, s_s, guidance,
+                                              bool(noise_correction), clip)
+
+
+def _srl_loss(x_t, eps_s, x0_target, a_t, s_t):
+    return torch.ops.flashcore_C.srl_loss(x_t, eps_s, x0_target, a_t, s_t)
+
+
+def _srl_renoise(x0, noise, a, s):
+    return torch.ops.flashcore_C.srl_renoise(x0, noise, a, s)
+
+
+for _op, _impl, _sup in (("attention", _attention, _sup_attention),
+                         ("attention_bwd", _attention_bwd, _sup_attention_bwd),
+                         ("sampler_step", _sampler_step, _sup_step),
+                         ("srl_loss", _srl_loss, _sup_loss),
+                         ("srl_renoise", _srl_renoise, _sup_renoise)):
+    _dispatch.register(_op, "cuda", _impl, available=_available, supports=_sup)
