@@ -150,12 +150,53 @@ def cmd_demo(a) -> int:
                                            no_noise_correction=False, out=a.out))
 
 
+def _add_distill(sub):
+    p = sub.add_parser("distill", help="Imagine Flash: distil a teacher into a 1-4 step student")
+    p.add_argument("--teacher", default=DEFAULT_TEACHER)
+    p.add_argument("--steps", type=int, choices=(1, 2, 3, 4), required=True, help="student steps")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--iters", type=_positive, default=None)
+    p.add_argument("--batch-size", type=_positive, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--gamma", type=float, default=None, help="tau = round(gamma * t)")
+    p.add_argument("--jitter", type=int, default=None, help="tau jitter in timesteps")
+    p.add_argument("--k", type=_positive, default=None, help="teacher DDIM steps for the SRL target")
+    p.add_argument("--cfg", type=float, default=None, help="teacher guidance (default: the teacher's)")
+    p.add_argument("--lambda-adv", type=float, default=None)
+    p.add_argument("--fwd-share", type=float, default=None, help="DDIL: share of forward-noised batches")
+    p.add_argument("--checkpoint-every", type=_positive, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    for flag in ("backward", "srl", "noise-correction", "adversarial"):
+        p.add_argument(f"--no-{flag}", action="store_true", help=f"ablation: without {flag.replace('-', ' ')}")
+    p.add_argument("--resume", action="store_true")
+    return p
+
+
+def cmd_distill(a) -> int:
+    import dataclasses
+
+    from flashcore.train.distill import DistillConfig, distill
+    over = {"iters": a.iters, "batch_size": a.batch_size, "lr": a.lr, "gamma_ratio": a.gamma,
+            "gamma_jitter": a.jitter, "teacher_steps": a.k, "guidance": a.cfg, "lambda_adv": a.lambda_adv,
+            "fwd_share": a.fwd_share, "checkpoint_every": a.checkpoint_every, "seed": a.seed}
+    cfg = DistillConfig(teacher=a.teacher, steps=a.steps, backward=not a.no_backward, srl=not a.no_srl,
+                        noise_correction=not a.no_noise_correction, adversarial=not a.no_adversarial)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})
+    if a.resume and a.iters is None:
+        from flashcore.train.common import saved_config
+        cfg.iters = saved_config(a.out)["iters"]
+    out = distill(cfg, a.out, resume=a.resume)
+    print(f"student saved to {out}")
+    return 0
+
+
 COMMANDS = {
     "train-teacher": (_add_train_teacher, cmd_train_teacher),
     "train-classifier": (_add_train_classifier, cmd_train_classifier),
     "eval": (_add_eval, cmd_eval),
     "generate": (_add_generate, cmd_generate),
     "demo": (_add_demo, cmd_demo),
+    "distill": (_add_distill, cmd_distill),
 }
 
 

@@ -1,0 +1,107 @@
+"""Imagine Flash distillation on a tiny random teacher: the contracts, not quality."""
+import dataclasses
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flashcore import cli
+from flashcore.checkpoint import CheckpointError
+from flashcore.models import Denoiser, save_pretrained
+from flashcore.sampler import denoise_step
+from flashcore.train.distill import DistillConfig, Distiller, distill, rollout, teacher_grid
+
+from _fixtures import TINY_UNET
+
+
+@pytest.fixture
+def tiny_teacher(tmp_path):
+    torch.manual_seed(0)
+    path = str(tmp_path / "teacher")
+    save_pretrained(Denoiser(TINY_UNET), path, {"kind": "teacher", "guidance": 2.0, "data": "digits",
+                                                "schedule": {"kind": "scaled_linear"}})
+    return path
+
+
+def cfg_for(teacher, **kw):
+    base = DistillConfig(teacher=teacher, steps=3, iters=4, batch_size=4, checkpoint_every=2,
+                         sample_every_checkpoint=False)
+    return dataclasses.replace(base, **kw)
+
+
+def test_teacher_grid():
+    assert teacher_grid(749, 1) == [749]
+    assert teacher_grid(750, 2) == [750, 375]
+    assert teacher_grid(1, 3) == [1, 1, 1]
+
+
+def test_backward_mode_never_feeds_real_images_to_the_student(tiny_teacher, monkeypatch):
+    d = Distiller(cfg_for(tiny_teacher, adversarial=False))
+    assert d._real is None                        # no data set is even loaded
+    d = Distiller(cfg_for(tiny_teacher))          # with the discriminator: real images for D only
+    d._real = (torch.full_like(d._real[0], 1e4), d._real[1])
+    seen = []
+    real_forward = Denoiser.forward
+    monkeypatch.setattr(Denoiser, "forward", lambda self, x, t, y: (seen.append((self is d.student, x.abs().max().item())),
+                                                                    real_forward(self, x, t, y))[1])
+    for it in range(4):
+        d.iteration(it)
+    student_inputs = [m for is_student, m in seen if is_student]
+    assert student_inputs and max(student_inputs) < 50     # a 1e4 image would show at any t
+
+
+def test_forward_mode_uses_real_images(tiny_teacher):
+    d = Distiller(cfg_for(tiny_teacher, backward=False, adversarial=False))
+    x_t, t, labels, i, used_real = d.student_state(4)
+    assert used_real and d._real is not None
+
+
+@pytest.mark.parametrize("nc", [True, False])
+def test_rollout_is_noise_corrected(tiny_teacher, nc):
+    d = Distiller(cfg_for(tiny_teacher, noise_correction=nc))
+    x_T, lab = torch.randn(2, 1, 16, 16), torch.tensor([1, 2])
+    x1 = rollout(d.student, d.sched, d.grid, 1, x_T, lab, nc)
+    with torch.no_grad():
+        _, x0 = denoise_step(d.student, d.sched, d.grid, 0, x_T, lab, x_T, noise_correction=False)
+        eps = d.student(x_T, torch.full((2,), 999), lab)
+    a_s, s_s = d.sched.alpha_sigma(d.grid[1])
+    expect = a_s * x0 + s_s * (x_T if nc else eps)
+    torch.testing.assert_close(x1, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_srl_gradient_reaches_only_the_student(tiny_teacher):
+    d = Distiller(cfg_for(tiny_teacher, adversarial=False))
+    t_before = {k: v.clone() for k, v in d.teacher.state_dict().items()}
+    s_before = {k: v.clone() for k, v in d.student.state_dict().items()}
+    d.iteration(0)
+    assert all(p.grad is None and not p.requires_grad for p in d.teacher.parameters())
+    assert all(torch.equal(t_before[k], v) for k, v in d.teacher.state_dict().items())
+    assert any(not torch.equal(s_before[k], v) for k, v in d.student.state_dict().items())
+    assert any(p.grad is not None for p in d.student.parameters())
+
+
+def test_resume_is_exact(tiny_teacher, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    distill(cfg_for(tiny_teacher), a, progress=False)
+    distill(cfg_for(tiny_teacher), b, progress=False, max_iters_this_call=2)
+    distill(cfg_for(tiny_teacher), b, resume=True, progress=False)
+    wa = load_file(os.path.join(a, "state", "weights.safetensors"))
+    wb = load_file(os.path.join(b, "state", "weights.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert os.path.exists(os.path.join(b, "student", "config.json"))
+
+
+def test_bad_inputs(tiny_teacher, tmp_path):
+    with pytest.raises(ValueError, match="--steps must be 1..4"):
+        DistillConfig(teacher=tiny_teacher, steps=5)
+    with pytest.raises(ValueError, match="step_weights"):
+        DistillConfig(teacher=tiny_teacher, steps=3, step_weights=(1.0, 2.0))
+    student = str(tmp_path / "student")
+    save_pretrained(Denoiser(TINY_UNET), student, {"kind": "student", "schedule": {}})
+    with pytest.raises(CheckpointError, match="'student' checkpoint"):
+        Distiller(cfg_for(student))
+    with pytest.raises(SystemExit):
+        cli.main(["distill", "--teacher", tiny_teacher, "--steps", "7", "--out", str(tmp_path / "o")])
+    assert cli.main(["distill", "--teacher", str(tmp_path / "nope"), "--steps", "3",
+                     "--out", str(tmp_path / "o")]) == 1
