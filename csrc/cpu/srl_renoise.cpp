@@ -1,32 +1,42 @@
-// CPU kernel: chi = a * x0 + s * noise, one pass, float32 accumulation.
+// CPU kernel for flashcore_C::srl_renoise: the student's x0 re-noised to the teacher
+// time tau (Imagine Flash, arXiv 2405.05224, Shifted Reconstruction Loss).
+//
+// Notation: chi = a_tau x0_S + s_tau eps', one pass, fp32 arithmetic (fp64 for fp64),
+// output in the input dtype with x0's layout.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <torch/torch.h>
 
-namespace flashcore {
+#include "vec.h"
+
+namespace flashcore::cpu {
+namespace {
 
 template <typename T>
-static void renoise_kernel(const T* x0, const T* noise, T* out, int64_t n, float a, float s) {
-  at::parallel_for(0, n, 1 << 16, [&](int64_t lo, int64_t hi) {
+void renoise_kernel(const T* x0, const T* noise, T* out, int64_t n, acc_t<T> a, acc_t<T> s) {
+  using A = acc_t<T>;
+  at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
 #pragma omp simd
-    for (int64_t i = lo; i < hi; ++i)
-      out[i] = static_cast<T>(a * static_cast<float>(x0[i]) + s * static_cast<float>(noise[i]));
+    for (int64_t i = lo; i < hi; ++i) out[i] = cvt<T>(a * cvt<A>(x0[i]) + s * cvt<A>(noise[i]));
   });
 }
 
 at::Tensor srl_renoise_cpu(const at::Tensor& x0, const at::Tensor& noise, double a, double s) {
-  TORCH_CHECK(x0.device().is_cpu() && noise.device().is_cpu(), "srl_renoise: tensors must be on the CPU");
-  TORCH_CHECK(x0.sizes() == noise.sizes(), "srl_renoise: x0 and noise shapes differ");
-  TORCH_CHECK(x0.scalar_type() == noise.scalar_type(), "srl_renoise: x0 and noise dtypes differ");
-  auto x = x0.contiguous(), e = noise.contiguous();
-  auto out = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "srl_renoise", [&] {
-    renoise_kernel<scalar_t>(x.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                             x.numel(), static_cast<float>(a), static_cast<float>(s));
+  constexpr const char* op = "srl_renoise";
+  check_float(op, "x0", x0);
+  check_same(op, "noise", noise, "x0", x0);
+  check_finite(op, "a", a);
+  check_finite(op, "s", s);
+  auto out = at::empty_like(x0);
+  const auto x = conform(x0, out), e = conform(noise, out);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x0.scalar_type(), op, [&] {
+    using A = acc_t<scalar_t>;
+    renoise_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), e.const_data_ptr<scalar_t>(),
+                             out.mutable_data_ptr<scalar_t>(), out.numel(), A(a), A(s));
   });
   return out;
 }
 
-}  // namespace flashcore
+}  // namespace
+}  // namespace flashcore::cpu
 
-TORCH_LIBRARY_IMPL(flashcore_C, CPU, m) { m.impl("srl_renoise", &flashcore::srl_renoise_cpu); }
+TORCH_LIBRARY_IMPL(flashcore_C, CPU, m) { m.impl("srl_renoise", &flashcore::cpu::srl_renoise_cpu); }

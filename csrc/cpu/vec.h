@@ -1,0 +1,106 @@
+// Helpers shared by flashcore's CPU kernels: dtype conversion, a vectorisable exp,
+// layout conforming for element-wise kernels, argument checks.
+//
+// The conversions are written on raw bits so that loops under `#pragma omp simd`
+// vectorise with -O3 -march=native; c10's BFloat16 operators contain branches that
+// keep GCC from doing that.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+namespace flashcore::cpu {
+
+// Accumulation type: fp32 for every float type but fp64.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+inline float bf16_to_f(c10::BFloat16 x) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(__builtin_bit_cast(uint16_t, x)) << 16);
+}
+
+// Round to nearest even, NaN kept a (quiet) NaN: the same result as c10's conversion.
+inline c10::BFloat16 f_to_bf16(float x) {
+  uint32_t u = __builtin_bit_cast(uint32_t, x);
+  uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  uint16_t b = (x != x) ? uint16_t(0x7fc0) : static_cast<uint16_t>(r);
+  return __builtin_bit_cast(c10::BFloat16, b);
+}
+
+template <typename To, typename From>
+inline To cvt(From x) {
+  if constexpr (std::is_same_v<To, From>) {
+    return x;
+  } else if constexpr (std::is_same_v<From, c10::BFloat16>) {
+    return static_cast<To>(bf16_to_f(x));
+  } else if constexpr (std::is_same_v<To, c10::BFloat16>) {
+    return f_to_bf16(static_cast<float>(x));
+  } else {
+    return static_cast<To>(x);
+  }
+}
+
+// exp for float, written so that GCC vectorises it inside simd loops (libm's expf is
+// only vectorised under -ffast-math, which setup.py does not pass). Cephes' expf:
+// x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 polynomial, 2^n through the exponent
+// bits; about 1 ulp. Inputs below -87.3 give ~1e-38 rather than 0, which is below
+// anything a softmax sum can see.
+inline float exp_f(float x) {
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.3f ? 88.3f : x;
+  const float t = x * 1.44269504088896341f;
+  const float n = (t + 12582912.f) - 12582912.f;  // round to nearest without a libm call
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  return p * __builtin_bit_cast(float, e);
+}
+inline double exp_f(double x) { return std::exp(x); }
+
+// Element-wise kernels walk memory flat. That is valid when all tensors share the
+// strides of an output that is non-overlapping and dense (any permutation of a
+// contiguous layout, e.g. channels-last or a transposed view): element i of one sits
+// at the same offset as element i of the others. Inputs with other strides are copied
+// into that layout first; the common contiguous case costs nothing.
+inline at::Tensor conform(const at::Tensor& t, const at::Tensor& out) {
+  if (t.strides() == out.strides()) return t;
+  return at::empty_like(out).copy_(t);
+}
+
+inline void check_same(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                       const at::Tensor& ref) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              " but ", ref_name, " has ", ref.scalar_type());
+  TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", name, " has shape ", t.sizes(), " but ", ref_name,
+              " has ", ref.sizes());
+}
+
+inline void check_float(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf, op, ": ",
+              name, " must be float16/bfloat16/float32/float64, got ", s);
+}
+
+inline void check_finite(const char* op, const char* name, double v) {
+  TORCH_CHECK(std::isfinite(v), op, ": ", name, " must be finite, got ", v);
+}
+
+// Element-wise work below this many elements stays on the calling thread: waking the
+// pool costs more than it saves.
+constexpr int64_t kGrain = 1 << 15;
+
+}  // namespace flashcore::cpu
