@@ -165,8 +165,11 @@ def triton_builds(quick: bool = False, archs=ARCHS, names=None):
 # -------------------------------------------------------------- CUDA C++ ---
 
 NVCC_ARCHS = {"sm_80": "arch=compute_80,code=sm_80", "sm_90a": "arch=compute_90a,code=sm_90a"}
-NVCC_FLAGS = ["-std=c++17", "-O3", "-Xptxas", "-v", "-Werror", "all-warnings", "-diag-suppress", "3306",
-              "--expt-relaxed-constexpr"]
+# What torch's CUDAExtension passes (no implicit half conversions, relaxed constexpr),
+# so the check compiles the files as setup.py's build does, plus warnings as errors.
+NVCC_FLAGS = ["-std=c++20", "-O3", "-Xptxas", "-v", "-Werror", "all-warnings", "-diag-suppress", "3306",
+              "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+              "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
 
 
 def nvcc() -> str:

@@ -1,0 +1,312 @@
+"""GPU benchmark of flashcore's kernels against PyTorch's and xformers' attention.
+
+Providers, side by side in one run:
+  attention     flashcore-triton, flashcore-cuda, sdpa-flash, sdpa-efficient,
+                sdpa-cudnn (PyTorch SDPA with one backend forced), xformers
+                (memory_efficient_attention, when installed), eager (matmul-softmax-matmul)
+  sampler_step  flashcore-triton, flashcore-cuda, eager, compile (torch.compile of the
+                reference); the step is also timed as a replayed CUDA graph
+  srl_loss      flashcore-triton, flashcore-cuda, eager, compile
+
+Timing: ``triton.testing.do_bench`` (CUDA events, L2 flushed before every
+run, warm-up first) with quantiles 0.5/0.2/0.8, or ``do_bench_cudagraph`` for
+the graph rows; never a synchronize per iteration. Attention is reported in
+TFLOP/s (4 B H Nq Nk D forward, x2.5 for backward) with the share of the
+device's dense peak, element-wise ops in GB/s (bytes read plus written).
+Rows are appended to a CSV in the columns of the CPU benchmarks.
+
+    python bench/bench_gpu.py                       # all ops, default shapes
+    python bench/bench_gpu.py --ops attention --dtype bf16 --csv bench/results.csv
+    python bench/bench_gpu.py --dry-run             # no GPU: plan, providers, CSV format
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ["name", "provider", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms", "unit", "value", "device",
+           "commit", "torch", "time"]
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+QUANTILES = [0.5, 0.2, 0.8]
+# Dense tensor-core peaks in TFLOP/s (vendor data sheets) for the % of peak column.
+PEAK_TFLOPS = {  # name substring -> {dtype: peak}
+    "H100 SXM": {"fp16": 989.0, "bf16": 989.0, "fp32": 67.0},
+    "H100 PCIe": {"fp16": 756.0, "bf16": 756.0, "fp32": 51.0},
+    "H100": {"fp16": 989.0, "bf16": 989.0, "fp32": 67.0},
+    "A100": {"fp16": 312.0, "bf16": 312.0, "fp32": 19.5},
+    "L4": {"fp16": 121.0, "bf16": 121.0, "fp32": 30.3},
+    "A10": {"fp16": 125.0, "bf16": 125.0, "fp32": 31.2},
+}
+# (B, H, N, D): DiT-S/2 at 256 px-like tokens, longer sequences, the awkward head dims 40 and 80.
+ATTN_SHAPES = [(8, 6, 256, 64), (4, 16, 1024, 64), (2, 16, 4096, 64), (2, 16, 4096, 128), (4, 12, 1024, 40),
+               (4, 12, 1024, 80)]
+EW_SHAPES = [(8, 4, 32, 32), (16, 4, 64, 64), (4, 16, 128, 128)]
+
+
+@dataclass
+class Case:
+    name: str              # op, with ".bwd" / ".graph" for the variants
+    provider: str
+    shape: tuple
+    dtype: str
+    unit: str              # TFLOP/s or GB/s
+    work: float            # FLOPs or bytes per call
+    build: Callable[[str], Callable[[], object]] | None   # device -> the timed callable
+    why_not: str | None = None   # set when the provider cannot run here
+
+
+# ------------------------------------------------------------ providers ---
+
+def _sdpa(backend_name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION}[backend_name]
+
+    def run(q, k, v):
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return run
+
+
+def _xformers():
+    import xformers.ops as xops   # (B, N, H, D) layout
+
+    def run(q, k, v):
+        return xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return run
+
+
+def _flashcore(op: str, backend: str):
+    import flashcore.ops as ops
+    fn = getattr(ops, op)
+
+    def run(*args, **kwargs):
+        return fn(*args, backend=backend, **kwargs)
+    return run
+
+
+def attention_providers() -> dict[str, Callable[[], Callable]]:
+    from flashcore.ops import attention_ref
+    provs = {
+        "flashcore-triton": lambda: _flashcore("attention", "triton"),
+        "flashcore-cuda": lambda: _flashcore("attention", "cuda"),
+        "sdpa-flash": lambda: _sdpa("flash"),
+        "sdpa-efficient": lambda: _sdpa("efficient"),
+        "sdpa-cudnn": lambda: _sdpa("cudnn"),
+        "eager": lambda: (lambda q, k, v: attention_ref(q, k, v, q.shape[-1] ** -0.5)[0]),
+    }
+    if _importable("xformers"):
+        provs["xformers"] = _xformers
+    return provs
+
+
+def _importable(mod: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(mod) is not None
+
+
+def backend_reason(op: str, backend: str, device: str) -> str | None:
+    """Why a flashcore backend will not run this op here, or None."""
+    from flashcore.ops import _dispatch
+    row = _dispatch.table(op).get(backend)
+    if row is None:
+        return f"no {backend} row for {op}"
+    if device != "cuda" or not row.available():
+        return f"{backend} backend not available (needs a GPU and the built kernels)"
+    return None
+
+
+# ------------------------------------------------------------ cases -------
+
+def attention_cases(dtypes, shapes, device: str) -> list[Case]:
+    cases = []
+    for dt in dtypes:
+        for (B, H, N, D) in shapes:
+            flops = 4.0 * B * H * N * N * D
+            for prov, make in attention_providers().items():
+                why = None
+                if prov.startswith("flashcore-"):
+                    why = backend_reason("attention", prov.split("-")[1], device)
+                elif device != "cuda":
+                    why = "needs a CUDA device"
+                for bwd in (False, True):
+                    cases.append(Case("attention.bwd" if bwd else "attention", prov, (B, H, N, D), dt, "TFLOP/s",
+                                      flops * (2.5 if bwd else 1.0), _attention_builder(make, (B, H, N, D), dt, bwd),
+                                      why))
+    return cases
+
+
+def _attention_builder(make, shape, dt, bwd: bool):
+    def build(device):
+        fn = make()
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(shape, device=device, dtype=DTYPES[dt], generator=g).requires_grad_(bwd)
+                   for _ in range(3))
+        if not bwd:
+            return lambda: fn(q, k, v)
+        out = fn(q, k, v)
+        dout = torch.randn_like(out)
+        return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    return build
+
+
+def elementwise_cases(dtypes, shapes, device: str) -> list[Case]:
+    from flashcore.ops import sampler_step_ref, srl_loss_ref
+    step = lambda xt, ec, eu, xT: sampler_step_ref(xt, ec, eu, xT, 0.3, 0.95, 0.7, 0.71, 4.0, True, 1.0)  # noqa: E731
+    loss = lambda xt, es, tg: srl_loss_ref(xt, es, tg, 0.4, 0.9)   # noqa: E731
+    kw = dict(a_t=0.3, s_t=0.95, a_s=0.7, s_s=0.71, guidance=4.0, noise_correction=True, clip=1.0)
+    cases = []
+    for dt in dtypes:
+        size = torch.tensor([], dtype=DTYPES[dt]).element_size()
+        for shape in shapes:
+            n = math.prod(shape)
+            for op, nin, nout, ref, call in (
+                    ("sampler_step", 4, 2, step,
+                     lambda f: (lambda xt, ec, eu, xT: f(xt, ec, eps_u=eu, x_T=xT, **kw))),
+                    ("srl_loss", 3, 1, loss, lambda f: (lambda xt, es, tg: f(xt, es, tg, a_t=0.4, s_t=0.9)))):
+                provs = {"flashcore-triton": lambda op=op, call=call: call(_flashcore(op, "triton")),
+                         "flashcore-cuda": lambda op=op, call=call: call(_flashcore(op, "cuda")),
+                         "eager": lambda ref=ref: ref,
+                         "compile": lambda ref=ref: torch.compile(ref)}
+                for prov, make in provs.items():
+                    why = backend_reason(op, prov.split("-")[1], device) if prov.startswith("flashcore-") else \
+                        (None if device == "cuda" else "needs a CUDA device")
+                    names = [op] + ([f"{op}.graph"] if op == "sampler_step" and prov != "compile" else [])
+                    for name in names:
+                        cases.append(Case(name, prov, shape, dt, "GB/s", float(n * size * (nin + nout)),
+                                          _ew_builder(make, shape, dt, nin), why))
+    return cases
+
+
+def _ew_builder(make, shape, dt, nin):
+    def build(device):
+        fn = make()
+        g = torch.Generator(device=device).manual_seed(0)
+        xs = [torch.randn(shape, device=device, dtype=DTYPES[dt], generator=g) for _ in range(nin)]
+        return lambda: fn(*xs)
+    return build
+
+
+# ------------------------------------------------------------ timing ------
+
+def time_case(case: Case, device: str) -> tuple[float, float, float]:
+    """(p50, p20, p80) in ms."""
+    import triton.testing as tt
+    fn = case.build(device)
+    fn()                                       # warm-up and compile outside the timed region
+    torch.cuda.synchronize()
+    if case.name.endswith(".graph"):
+        return tuple(tt.do_bench_cudagraph(fn, rep=50, quantiles=QUANTILES))
+    return tuple(tt.do_bench(fn, warmup=25, rep=100, quantiles=QUANTILES))
+
+
+def peak(device_name: str, dtype: str) -> float | None:
+    for key, table in PEAK_TFLOPS.items():
+        if key in device_name:
+            return table[dtype]
+    return None
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def row(case: Case, ms: tuple[float, float, float], device_name: str) -> dict:
+    p50, p20, p80 = ms
+    scale = 1e-12 if case.unit == "TFLOP/s" else 1e-9
+    value = case.work * scale / (p50 * 1e-3) if p50 and p50 > 0 else float("nan")
+    return {"name": case.name, "provider": case.provider, "shape": "x".join(map(str, case.shape)),
+            "dtype": case.dtype, "p50_ms": f"{p50:.5f}", "p20_ms": f"{p20:.5f}", "p80_ms": f"{p80:.5f}",
+            "unit": case.unit, "value": f"{value:.6g}", "device": device_name, "commit": _commit(),
+            "torch": torch.__version__,
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def append_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+# ------------------------------------------------------------ main --------
+
+def plan(ops, dtypes, device: str) -> list[Case]:
+    cases = []
+    if "attention" in ops:
+        cases += attention_cases(dtypes, ATTN_SHAPES, device)
+    if ops & {"sampler_step", "srl_loss"}:
+        cases += [c for c in elementwise_cases(dtypes, EW_SHAPES, device) if c.name.split(".")[0] in ops]
+    return cases
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ops", default="attention,sampler_step,srl_loss")
+    ap.add_argument("--dtype", default="fp16,bf16", help="comma list of fp16,bf16,fp32")
+    ap.add_argument("--csv", default=str(ROOT / "bench" / "results.csv"))
+    ap.add_argument("--dry-run", action="store_true",
+                    help="no timing: list every case with its provider's status and check the CSV format")
+    args = ap.parse_args(argv)
+    ops = set(args.ops.split(","))
+    dtypes = args.dtype.split(",")
+    unknown = (ops - {"attention", "sampler_step", "srl_loss"}) | (set(dtypes) - set(DTYPES))
+    if unknown:
+        ap.error(f"unknown op or dtype: {sorted(unknown)}")
+    device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
+    cases = plan(ops, dtypes, device)
+    if args.dry_run:
+        # every row must format into the CSV's columns; timings are placeholders
+        for c in cases:
+            r = row(c, (float("nan"),) * 3, "dry-run")
+            assert list(r) == COLUMNS, list(r)
+            status = "runs on a GPU" if c.why_not is None else f"skipped here: {c.why_not}"
+            sys.stdout.write(f"{c.name:18s} {c.provider:17s} {r['shape']:14s} {c.dtype:5s} {c.unit:8s} {status}\n")
+        sys.stdout.write(f"{len(cases)} cases, CSV columns: {','.join(COLUMNS)}\n")
+        return 0
+    if device != "cuda":
+        sys.stderr.write("no CUDA device: use --dry-run here\n")
+        return 2
+    name = torch.cuda.get_device_name()
+    rows = []
+    for c in cases:
+        if c.why_not:
+            sys.stdout.write(f"skip {c.name} {c.provider}: {c.why_not}\n")
+            continue
+        try:
+            ms = time_case(c, device)
+        except Exception as e:  # noqa: BLE001 - one provider failing (e.g. SDPA backend refusing a shape) is a row skipped
+            sys.stdout.write(f"skip {c.name} {c.provider} {c.shape} {c.dtype}: {type(e).__name__}: {e}\n")
+            continue
+        r = row(c, ms, name)
+        rows.append(r)
+        pk = peak(name, c.dtype) if c.unit == "TFLOP/s" else None
+        share = f" ({100 * float(r['value']) / pk:.0f}% of peak)" if pk else ""
+        sys.stdout.write(f"{c.name:18s} {c.provider:17s} {r['shape']:14s} {c.dtype:5s} p50 {r['p50_ms']} ms  "
+                         f"{r['value']} {c.unit}{share}\n")
+    append_csv(Path(args.csv), rows)
+    sys.stdout.write(f"appended {len(rows)} rows to {args.csv}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    sys.exit(main())
