@@ -15,9 +15,12 @@ Backward (Dao 2023, FlashAttention-2), recomputing P from lse:
 Kernels tile over K/V with an online softmax and never store S or P. The op
 returns O; ``attention_fwd`` also returns lse for the backward.
 
-Dtypes float16/bfloat16/float32/float64; any head dim. Backends that do not
-take the inputs (dtype, head dim, layout) fall back to the reference with a
-one-time warning.
+Dtypes float16/bfloat16/float32/float64; any head dim. Backends: ``reference``
+(this file; the only one for float64 on a GPU), ``cpp`` (CPU), ``triton``
+(CUDA tensors; float16/bfloat16/float32, head dims up to 256, any strides) and
+``cuda`` (CUDA C++; float16/bfloat16/float32, head dims up to 128, v's head dim
+equal to q's, contiguous inputs). Inputs a backend does not take (dtype, head
+dim, layout, empty tensors) fall back to the reference with a one-time warning.
 """
 from __future__ import annotations
 

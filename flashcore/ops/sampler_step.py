@@ -15,12 +15,14 @@ Notation: x_t = a_t x0 + s_t eps. One step from t to the next grid time s:
 Returns ``(x_s, x0)``; the last step of a sampler uses ``x0``. The fused
 kernels compute all five lines in one pass over memory.
 
-Backends: ``reference`` (this file), then rows registered by the native and
-Triton modules. All backends accept float16/bfloat16/float32/float64 tensors
-of one shape, dtype and device; arithmetic is done in float32 (float64 for
-float64 inputs). A backend that does not take the inputs (for instance a
-non-contiguous tensor for a kernel that needs contiguous ones) falls back to
-the reference with a one-time warning.
+Backends: ``reference`` (this file), then rows registered by the native
+(``cpp``), Triton (``triton``) and CUDA C++ (``cuda``) modules. The op accepts
+float16/bfloat16/float32/float64 tensors of one shape, dtype and device;
+arithmetic is done in float32 (float64 for float64 inputs). The GPU kernels
+take float16/bfloat16/float32 and contiguous tensors. A backend that does not
+take the inputs (float64 on a GPU kernel, a non-contiguous tensor for a kernel
+that reads flat memory, an empty tensor) falls back to the reference with a
+one-time warning.
 """
 from __future__ import annotations
 

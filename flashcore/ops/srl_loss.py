@@ -17,6 +17,10 @@ they do not, so only the student is trained.
 tau: ``chi = a_tau x0_S + s_tau eps'`` (one pass, output in the input dtype).
 
 Dtypes: float16/bfloat16/float32/float64; accumulation in float32 (float64).
+Backends: ``reference`` (this file), ``cpp`` (CPU), ``triton`` and ``cuda``
+(CUDA tensors; float16/bfloat16/float32, contiguous). Inputs a backend does not
+take (float64 on a GPU kernel, non-contiguous or empty tensors) fall back to
+the reference with a one-time warning.
 """
 from __future__ import annotations
 
