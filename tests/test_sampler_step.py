@@ -1,0 +1,145 @@
+"""sampler_step on every CPU backend: the error rule against the float64 oracle,
+opcheck, gradcheck, torch.compile, dispatch and bad inputs."""
+import pytest
+import torch
+
+from flashcore import testing
+from flashcore.ops.sampler_step import _sampler_step_op, sampler_step, sampler_step_ref
+
+OP = "sampler_step"
+SHAPES = [(1, 1, 7, 9), (2, 3, 16, 16), (3, 4, 33, 17), (5,)]  # odd lengths, batch 1
+SMALL = [(1, 3, 5)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+SCHED = dict(a_t=0.3, s_t=0.954, a_s=0.7, s_s=0.714)
+VARIANTS = {  # CFG + noise correction + DDIL clamp (teacher, first step); a student step; CFG only
+    "teacher_nc_clip": dict(cfg=True, noise_correction=True, clip=1.0, guidance=4.5),
+    "student": dict(cfg=False, noise_correction=False, clip=0.0, guidance=1.0),
+    "cfg": dict(cfg=True, noise_correction=False, clip=0.0, guidance=3.0),
+}
+
+
+def _inputs(shape, dtype, layout):
+    ts = [torch.randn(shape).to(dtype) for _ in range(4)]             # x_t, eps_c, eps_u, x_T
+    if layout == "strided":
+        ts = [testing.make_noncontiguous(t) for t in ts]
+    elif layout == "permuted":                                        # dense, not contiguous
+        ts = [t.t() if t.dim() == 2 else t.transpose(0, -1) for t in ts]
+    return ts
+
+
+def _args(ts, v):
+    x, ec, eu, xT = ts
+    return (x, ec, eu if v["cfg"] else None, xT if v["noise_correction"] else None,
+            SCHED["a_t"], SCHED["s_t"], SCHED["a_s"], SCHED["s_s"], v["guidance"],
+            v["noise_correction"], v["clip"])
+
+
+def _check(backend, args):
+    testing.skip_unless_supported(OP, backend, *args)
+    x, ec, eu, xT, a_t, s_t, a_s, s_s, w, nc, clip = args
+    out = sampler_step(x, ec, eps_u=eu, x_T=xT, a_t=a_t, s_t=s_t, a_s=a_s, s_s=s_s, guidance=w,
+                       noise_correction=nc, clip=clip, backend=backend)
+    ref = sampler_step_ref(*args)
+    oracle = sampler_step_ref(*testing.to64(args))
+    for o, r, g, name in zip(out, ref, oracle, ("x_next", "x0")):
+        testing.assert_close_to_oracle(o, r, g, name=name)
+
+
+@pytest.mark.parametrize("backend,shape", testing.cases(OP, SHAPES, SMALL))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_matches_oracle(backend, shape, dtype, variant):
+    _check(backend, _args(_inputs(shape, dtype, "contiguous"), VARIANTS[variant]))
+
+
+@pytest.mark.parametrize("backend,shape", testing.cases(OP, [(3, 4, 33, 17), (1, 70001)], SMALL))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["strided", "permuted"])
+def test_layouts_match_oracle(backend, shape, dtype, layout):
+    _check(backend, _args(_inputs(shape, dtype, layout), VARIANTS["teacher_nc_clip"]))
+
+
+@pytest.mark.parametrize("backend", testing.cpu_backends(OP))
+def test_opcheck(backend):
+    x, ec, eu, xT = (torch.randn(2, 3, 5, requires_grad=True) for _ in range(4))
+    torch.library.opcheck(_sampler_step_op, (x, ec, eu, xT, 0.3, 0.95, 0.7, 0.71, 3.0, True, 1.5, backend))
+    torch.library.opcheck(_sampler_step_op, (x, ec, None, None, 0.3, 0.95, 0.7, 0.71, 1.0, False, 0.0, backend))
+
+
+@pytest.mark.parametrize("backend", testing.cpu_backends(OP))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gradcheck(backend, variant):
+    v = VARIANTS[variant]
+    ts = [torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    args = _args(ts, v)
+    testing.skip_unless_supported(OP, backend, *args)
+    inputs = tuple(t for t in args[:4] if t is not None)
+
+    def f(*tensors):
+        it = iter(tensors)
+        x, ec = next(it), next(it)
+        eu = next(it) if v["cfg"] else None
+        xT = next(it) if v["noise_correction"] else None
+        return sampler_step(x, ec, eps_u=eu, x_T=xT, guidance=v["guidance"], clip=v["clip"],
+                            noise_correction=v["noise_correction"], backend=backend, **SCHED)
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_compile_matches_eager():
+    if "cpp" not in testing.cpu_backends(OP):
+        pytest.skip("cpp backend not built")
+    x, ec, eu, xT = (torch.randn(2, 4, 8, 8) for _ in range(4))
+
+    def f(x, ec, eu, xT):
+        return sampler_step(x, ec, eps_u=eu, x_T=xT, guidance=2.0, noise_correction=True, clip=1.0,
+                            backend="cpp", **SCHED)
+
+    eager = f(x, ec, eu, xT)
+    compiled = torch.compile(f, fullgraph=True)(x, ec, eu, xT)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_dispatch(monkeypatch):
+    if "cpp" not in testing.cpu_backends(OP):
+        pytest.skip("cpp backend not built")
+    x, ec = torch.randn(3, 5), torch.randn(3, 5)
+    testing.check_dispatch(monkeypatch, OP, lambda backend: sampler_step(x, ec, backend=backend, **SCHED))
+
+
+def test_bad_inputs_name_the_argument():
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="eps_c"):
+        sampler_step(x, torch.randn(3, 2), **SCHED)
+    with pytest.raises(ValueError, match="eps_u"):
+        sampler_step(x, x, eps_u=x.double(), **SCHED)
+    with pytest.raises(ValueError, match="x_T"):
+        sampler_step(x, x, noise_correction=True, **SCHED)
+    with pytest.raises(ValueError, match="x_t"):
+        sampler_step(x.long(), x.long(), **SCHED)
+    with pytest.raises(ValueError, match="a_t"):
+        sampler_step(x, x, **{**SCHED, "a_t": float("nan")})
+    with pytest.raises(ValueError, match="a_t"):
+        sampler_step(x, x, **{**SCHED, "a_t": 0.0})
+    with pytest.raises(ValueError, match="guidance"):
+        sampler_step(x, x, guidance=float("inf"), **SCHED)
+    with pytest.raises(ValueError, match="clip"):
+        sampler_step(x, x, clip=-1.0, **SCHED)
+
+
+def test_native_checks_raise_not_crash():
+    if "cpp" not in testing.cpu_backends(OP):
+        pytest.skip("cpp backend not built")
+    native = torch.ops.flashcore_C.sampler_step
+    x = torch.randn(2, 3)
+    with pytest.raises(RuntimeError, match="sampler_step: eps_c has shape"):
+        native(x, torch.randn(3, 2), None, None, 0.3, 0.9, 0.7, 0.7, 1.0, False, 0.0)
+    with pytest.raises(RuntimeError, match="sampler_step: eps_u has dtype"):
+        native(x, x, x.half(), None, 0.3, 0.9, 0.7, 0.7, 1.0, False, 0.0)
+    with pytest.raises(RuntimeError, match="sampler_step: x_T is required"):
+        native(x, x, None, None, 0.3, 0.9, 0.7, 0.7, 1.0, True, 0.0)
+    with pytest.raises(RuntimeError, match="sampler_step: s_s must be finite"):
+        native(x, x, None, None, 0.3, 0.9, 0.7, float("inf"), 1.0, False, 0.0)
+    with pytest.raises(RuntimeError, match="sampler_step: x_t must be float"):
+        native(x.int(), x.int(), None, None, 0.3, 0.9, 0.7, 0.7, 1.0, False, 0.0)
