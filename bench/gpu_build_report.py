@@ -12,13 +12,19 @@ spill bytes per kernel.
 
     python bench/gpu_build_report.py               # writes docs/gpu_kernels.md
     python bench/gpu_build_report.py --quick       # one config per kernel, prints only
+    python bench/gpu_build_report.py --skip-cuda --variants --json out.json   # what the tests read
+
+Triton kernels compile only when they are real JIT functions, so this runs with
+TRITON_INTERPRET unset (the tests, which set it, call it as a subprocess).
 
 The functions here are also what tests/test_gpu_build.py calls.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import json
 import os
 import re
 import shutil
@@ -149,15 +155,20 @@ def compile_triton(name, fn, f32_ptrs, floats, config, dtype, head_dim, arch) ->
     return Built(name, f"sm_{arch}", variant, regs, k.metadata.shared, local, mma)
 
 
-def triton_builds(quick: bool = False, archs=ARCHS, names=None):
-    """Yields Built rows: every config of each generation for fp16, the first config for the other variants."""
-    for name, fn, f32_ptrs, floats, configs, variants in _triton_specs():
+def triton_builds(quick: bool = False, archs=ARCHS, names=None, variants: bool = False):
+    """Yields Built rows: every config of each generation for the first variant and the first config
+    for the others; ``variants``: the first config for every variant; ``quick``: one row per kernel."""
+    from flashcore.triton_kernels.attention import _fits, block_d
+    for name, fn, f32_ptrs, floats, configs, kinds in _triton_specs():
         if names is not None and name not in names:
             continue
         for arch in archs:
-            for i, (dtype, hd) in enumerate(variants):
-                for j, config in enumerate(configs[arch]):
-                    if (quick and (i or j)) or (i and j):
+            for i, (dtype, hd) in enumerate(kinds):
+                # the configs the autotuner keeps for this variant (kernels/attention.py, _fits)
+                need = {"BLOCK_D": block_d(hd or 64), "DOT_F32": dtype == "fp32"}
+                usable = [c for c in configs[arch] if _fits(c, need)]
+                for j, config in enumerate(usable):
+                    if (quick and (i or j)) or (variants and j) or (i and j):
                         continue
                     yield compile_triton(name, fn, f32_ptrs, floats, config, dtype, hd, arch)
 
@@ -248,21 +259,31 @@ def table(rows: list[Built], head: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one config per kernel, print only")
+    ap.add_argument("--variants", action="store_true", help="Triton: the first config for every variant, print only")
+    ap.add_argument("--json", help="also write the rows as JSON to this path")
     ap.add_argument("--out", default=str(ROOT / "docs" / "gpu_kernels.md"))
     ap.add_argument("--skip-triton", action="store_true")
     ap.add_argument("--skip-cuda", action="store_true")
     args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        ap.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    parts = []
+    parts, all_rows = [], []
     if not args.skip_triton:
-        parts.append(table(list(triton_builds(quick=args.quick)), "Triton kernel"))
+        rows = list(triton_builds(quick=args.quick, variants=args.variants))
+        all_rows += rows
+        parts.append(table(rows, "Triton kernel"))
     if not args.skip_cuda:
         if not nvcc():
             print("nvcc not found: CUDA C++ table skipped", file=sys.stderr)
         else:
-            parts.append(table(cuda_builds(), "CUDA C++ kernel"))
+            rows = cuda_builds()
+            all_rows += rows
+            parts.append(table(rows, "CUDA C++ kernel"))
     text = "\n\n".join(parts)
-    if args.quick:
+    if args.json:
+        Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in all_rows]))
+    if args.quick or args.variants:
         print(text)
         return 0
     import triton
