@@ -1,0 +1,181 @@
+"""The engine: eager == flashcore.sampler.sample exactly, compiled close to it,
+no recompiles across the steps of a call or across calls, bf16 within the
+error of eager bf16, generate() unchanged in eager mode.
+
+Compiles are the slow part of this file, so the compiled tests use a small
+conv denoiser (seconds to compile) except one that runs the real diffusers DiT
+with flashcore attention through torch.compile(fullgraph=True).
+"""
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch._dynamo
+from torch import nn
+from torch._dynamo.utils import counters
+
+from flashcore.engine import BUCKETS, Engine, bucket_for, coefficient_table, engine_update
+from flashcore.evaluate import generate
+from flashcore.models import Denoiser
+from flashcore.sampler import sample
+from flashcore.schedule import NoiseSchedule, trailing_grid
+
+from _fixtures import TINY_DIT, TINY_UNET, tiny_denoiser  # noqa: F401  (fixture)
+
+
+class ConvDenoiser(nn.Module):
+    """eps(x, t, labels) of the Denoiser interface, small enough to compile in seconds."""
+
+    def __init__(self, classes: int = 10, ch: int = 8):
+        super().__init__()
+        self.cfg = SimpleNamespace(channels=1, sample_size=8)
+        self.null_label = classes
+        self.emb = nn.Embedding(classes + 1, ch)
+        self.inp, self.out = nn.Conv2d(1, ch, 3, padding=1), nn.Conv2d(ch, 1, 3, padding=1)
+
+    def forward(self, x, t, labels):
+        h = self.inp(x) + self.emb(labels)[:, :, None, None] + (t.float() / 1000)[:, None, None, None]
+        return self.out(torch.nn.functional.silu(h))
+
+    def eps_cfg(self, x, t, labels):
+        b = x.shape[0]
+        out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, self.null_label)]))
+        return out[:b], out[b:]
+
+
+@pytest.fixture
+def conv():
+    torch.manual_seed(0)
+    return ConvDenoiser().eval()
+
+
+def _noise(b, shape, seed=0):
+    return torch.randn((b,) + tuple(shape), generator=torch.Generator().manual_seed(seed))
+
+
+def test_bucket_for():
+    assert [bucket_for(n, BUCKETS) for n in (1, 2, 3, 5, 8, 9, 250, 256)] == [1, 2, 4, 8, 8, 16, 256, 256]
+    assert bucket_for(300, BUCKETS) == 300 and bucket_for(3, None) == 3
+
+
+def test_coefficients_follow_the_sampler_rule():
+    sch, grid = NoiseSchedule(), trailing_grid(3)
+    c = coefficient_table(sch, grid, noise_correction=True)
+    assert c[0].dtype == torch.float64
+    assert c[0].tolist() == [*sch.alpha_sigma(999), *sch.alpha_sigma(666), 1.0]
+    assert c[2].tolist() == [*sch.alpha_sigma(333), 1.0, 0.0, 0.0]      # last step lands on x0
+    assert coefficient_table(sch, grid, noise_correction=False)[0][4].item() == 0.0
+
+
+@pytest.mark.parametrize("cfg,guidance,nc,clip", [(TINY_UNET, 2.5, True, 0.0), (TINY_DIT, 1.0, True, 1.0),
+                                                  (TINY_DIT, 3.0, False, 0.0)])
+def test_eager_engine_equals_sampler_exactly(cfg, guidance, nc, clip):
+    torch.manual_seed(0)
+    model = Denoiser(cfg).eval()
+    sch, labels = NoiseSchedule(), torch.tensor([0, 3, 7])
+    x_T = _noise(3, (1, 16, 16))
+    ref = sample(model, labels, schedule=sch, steps=3, shape=(1, 16, 16), guidance=guidance, noise_correction=nc,
+                 clip=clip, x_T=x_T)
+    eng = Engine(model, sch, steps=3, guidance=guidance, noise_correction=nc, clip=clip, compile=False)
+    assert torch.equal(eng.sample(labels, x_T=x_T), ref)
+    # the default noise is sampler.sample's draw from the same generator
+    a = eng.sample(labels, generator=torch.Generator().manual_seed(5))
+    b = sample(model, labels, schedule=sch, steps=3, shape=(1, 16, 16), guidance=guidance, noise_correction=nc,
+               clip=clip, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_padding_to_a_bucket_does_not_leak_between_samples(conv):
+    sch, labels = NoiseSchedule(), torch.tensor([1, 2, 3])
+    x_T = _noise(3, (1, 8, 8))
+    ref = sample(conv, labels, schedule=sch, steps=4, shape=(1, 8, 8), guidance=2.0, x_T=x_T)
+    eng = Engine(conv, sch, steps=4, guidance=2.0, compile=False, buckets=(2, 8))
+    torch.testing.assert_close(eng.sample(labels, x_T=x_T), ref)
+    small = Engine(conv, sch, steps=4, guidance=2.0, compile=False, buckets=(2,))   # chunks of 2, padded
+    torch.testing.assert_close(small.sample(labels, x_T=x_T), ref)
+
+
+def test_engine_update_op_contract():
+    x, e_c, e_u, x_T = (torch.randn(2, 1, 4, 4, dtype=torch.float64) for _ in range(4))
+    coef = coefficient_table(NoiseSchedule(), trailing_grid(2), True)[0]
+    torch.library.opcheck(engine_update, (x, e_c, e_u, x_T, coef, 2.0, 0.0, ""))
+    torch.library.opcheck(engine_update, (x, e_c, None, x_T, coef, 1.0, 1.0, "reference"))
+
+
+def _graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compiled_dit_step_is_one_graph_across_steps_and_calls():
+    """The real diffusers DiT with flashcore attention, fullgraph: one graph per bucket."""
+    torch.manual_seed(0)
+    model = Denoiser(TINY_DIT).eval()
+    sch, labels = NoiseSchedule(), torch.tensor([0, 5, 9])
+    x_T = _noise(3, (1, 16, 16))
+    ref = sample(model, labels, schedule=sch, steps=3, shape=(1, 16, 16), guidance=2.0, x_T=x_T)
+    counters.clear()
+    eng = Engine(model, sch, steps=3, guidance=2.0, compile=True)
+    out = eng.sample(labels, x_T=x_T)                                      # batch 3 -> bucket 4
+    assert _graphs() == 1                                                  # all three steps: one graph
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    first = eng.compile_seconds
+    assert first > 0
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = eng.sample(torch.tensor([1, 2, 3, 4]), x_T=_noise(4, (1, 16, 16), seed=1))   # same bucket
+    assert _graphs() == 1 and eng.compile_seconds == first
+    ref4 = sample(model, torch.tensor([1, 2, 3, 4]), schedule=sch, steps=3, shape=(1, 16, 16), guidance=2.0,
+                  x_T=_noise(4, (1, 16, 16), seed=1))
+    torch.testing.assert_close(again, ref4, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_whole_sampler_is_one_graph(conv):
+    sch, labels = NoiseSchedule(), torch.tensor([1, 2])
+    counters.clear()
+    eng = Engine(conv, sch, steps=3, guidance=1.0, compile=True, graph="sampler")
+    out = eng.sample(labels, x_T=_noise(2, (1, 8, 8)))
+    assert _graphs() == 1
+    torch.testing.assert_close(out, sample(conv, labels, schedule=sch, steps=3, shape=(1, 8, 8),
+                                           x_T=_noise(2, (1, 8, 8))), rtol=1e-4, atol=1e-5)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        eng.sample(torch.tensor([7, 8]), x_T=_noise(2, (1, 8, 8), seed=2))
+    assert _graphs() == 1
+
+
+def test_bf16_engine_error_is_within_twice_eager_bf16(conv):
+    """FlashAttention's rule applied to the whole sampler: compiled bf16 (frozen
+    weights) against fp32 may err at most about twice as much as eager bf16."""
+    sch, labels = NoiseSchedule(), torch.arange(4)
+    x_T = _noise(4, (1, 8, 8))
+    ref = sample(conv, labels, schedule=sch, steps=3, shape=(1, 8, 8), guidance=2.0, x_T=x_T)
+    eager = Engine(conv, sch, steps=3, guidance=2.0, dtype=torch.bfloat16, compile=False).sample(labels, x_T=x_T)
+    eng = Engine(conv, sch, steps=3, guidance=2.0, dtype=torch.bfloat16, compile=True)
+    assert eng.freeze                                                     # "auto": on for bf16
+    out = eng.sample(labels, x_T=x_T)
+    assert out.dtype == torch.float32
+    err_eager = (eager - ref).abs().max().item()
+    err = (out - ref).abs().max().item()
+    assert 0 < err_eager and err <= 2 * err_eager + 1e-3
+
+
+def test_engine_rejects_bad_arguments(conv):
+    sch = NoiseSchedule()
+    with pytest.raises(ValueError, match="dtype"):
+        Engine(conv, sch, steps=2, dtype=torch.float16)
+    with pytest.raises(ValueError, match="graph"):
+        Engine(conv, sch, steps=2, graph="loop")
+    with pytest.raises(ValueError, match="steps or grid"):
+        Engine(conv, sch)
+    with pytest.raises(ValueError, match="labels"):
+        Engine(conv, sch, steps=2, compile=False).sample(torch.arange(3), x_T=torch.zeros(2, 1, 8, 8))
+
+
+def test_generate_in_eager_mode_is_the_batched_sampler(tiny_denoiser):
+    meta = {"schedule": {"kind": "scaled_linear"}}
+    labels = torch.arange(5)
+    x, secs = generate(tiny_denoiser, meta, labels, steps=2, guidance=2.0, seed=3, batch=2)
+    g, sch, parts = torch.Generator().manual_seed(3), NoiseSchedule(), []
+    for i in range(0, 5, 2):
+        x_T = torch.randn((len(labels[i:i + 2]), 1, 16, 16), generator=g)
+        parts.append(sample(tiny_denoiser, labels[i:i + 2], schedule=sch, steps=2, shape=(1, 16, 16),
+                            guidance=2.0, x_T=x_T))
+    assert torch.equal(x, torch.cat(parts)) and secs > 0
