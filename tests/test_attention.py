@@ -171,3 +171,24 @@ def test_native_checks_raise_not_crash():
         bwd(out, q, k, v, out, lse.double(), 0.5)
     with pytest.raises(RuntimeError, match="attention_bwd: dout must have shape"):
         bwd(out[:, :, :3], q, k, v, out, lse, 0.5)
+
+
+# Triton only (appended by the GPU-kernel work): the SMALL shapes fit in one 16x16 tile of
+# the interpreter's config; these take several query and key tiles (online softmax across
+# tiles, ragged tails), head dims padded 80 -> 128 and 24 -> 32, and Dv != D.
+TRITON_TILED = [(1, 2, 37, 45, 80, 80), (2, 1, 20, 33, 24, 40)]
+
+
+@pytest.mark.skipif("triton" not in testing.cpu_backends(OP), reason="the triton row runs here only interpreted")
+@pytest.mark.parametrize("shape", TRITON_TILED, ids=testing._shape_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_several_tiles(shape, dtype):
+    q, k, v = _qkv(shape, dtype)
+    _check_forward("triton", q, k, v)
+    scale = q.shape[-1] ** -0.5
+    dout = torch.randn(*q.shape[:-1], v.shape[-1]).to(dtype)
+    got = _grads(lambda q, k, v: attention(q, k, v, backend="triton"), q, k, v, dout)
+    ref = _grads(lambda q, k, v: attention_ref(q, k, v, scale)[0], q, k, v, dout)
+    oracle = _grads(lambda q, k, v: attention_ref(q, k, v, scale)[0], *testing.to64((q, k, v, dout)))
+    for g, r, o, name in zip(got, ref, oracle, ("dq", "dk", "dv")):
+        testing.assert_close_to_oracle(g, r, o, name=name)

@@ -143,3 +143,12 @@ def test_native_checks_raise_not_crash():
         native(x, x, None, None, 0.3, 0.9, 0.7, float("inf"), 1.0, False, 0.0)
     with pytest.raises(RuntimeError, match="sampler_step: x_t must be float"):
         native(x.int(), x.int(), None, None, 0.3, 0.9, 0.7, 0.7, 1.0, False, 0.0)
+
+
+# Triton only (appended by the GPU-kernel work): more elements than one program of the
+# interpreter's 1024-wide tile, so several programs and a ragged last one run.
+@pytest.mark.skipif("triton" not in testing.cpu_backends(OP), reason="the triton row runs here only interpreted")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_triton_several_programs(dtype, variant):
+    _check("triton", _args(_inputs((3, 1001), dtype, "contiguous"), VARIANTS[variant]))

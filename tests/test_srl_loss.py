@@ -145,3 +145,12 @@ def test_native_checks_raise_not_crash():
         torch.ops.flashcore_C.srl_renoise(x, torch.randn(3), 0.3, 0.9)
     with pytest.raises(RuntimeError, match="srl_renoise: a must be finite"):
         torch.ops.flashcore_C.srl_renoise(x, x, float("nan"), 0.9)
+
+
+# Triton only (appended by the GPU-kernel work): several programs of the interpreter's
+# 1024-wide tile, each writing two 512-element partial sums, the last one ragged.
+@pytest.mark.skipif("triton" not in testing.cpu_backends(OP), reason="the triton row runs here only interpreted")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_several_programs(dtype):
+    _check_loss("triton", (*_inputs((3, 1001), dtype), A_T, S_T))
+    _check_renoise("triton", (*_inputs((3, 1001), dtype, n=2), 0.3, 0.954))
