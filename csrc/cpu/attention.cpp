@@ -131,6 +131,17 @@ void release() {
     if (brgemm_works<E>()) cpublas::brgemm_release(kVnni<E>);
 }
 
+// Grow-only scratch, one set per thread and slot. Fresh multi-megabyte buffers are
+// mmap'ed and page-fault on every call (PITFALLS: ~2 GB/s); these stay mapped. Every
+// kernel below writes each element it later reads, so stale contents never leak.
+template <typename E>
+E* scratch(int slot, int64_t n) {
+  thread_local std::vector<E> bufs[8];
+  auto& b = bufs[slot];
+  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
+  return b.data();
+}
+
 struct Dims {
   int64_t B, H, Nq, Nk, D, Dv;
 };
@@ -148,13 +159,14 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
 
   // Pack every K_j^T and V_j once: the query blocks of a head all reuse them.
   const int64_t kt_blk = kBK * Dp, v_blk = kBK * d.Dv;
-  std::vector<E> kt(BH * nkb * kt_blk), vp(BH * nkb * v_blk);
+  E* const kt = scratch<E>(0, BH * nkb * kt_blk);  // slots 0-1: the calling thread's, shared
+  E* const vp = scratch<E>(1, BH * nkb * v_blk);
   at::parallel_for(0, BH * nkb, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nkb, j = t % nkb, n0 = j * kBK, nb = std::min(kBK, d.Nk - n0);
       const int64_t b = bh / d.H, h = bh % d.H;
-      pack_b(kv.row(b, h, n0), kv.s2, kv.s3, true, d.D, nb, kt.data() + t * kt_blk);    // (Dp x nb)
-      pack_b(vv.row(b, h, n0), vv.s2, vv.s3, false, nb, d.Dv, vp.data() + t * v_blk);  // (nbp x Dv)
+      pack_b(kv.row(b, h, n0), kv.s2, kv.s3, true, d.D, nb, kt + t * kt_blk);    // (Dp x nb)
+      pack_b(vv.row(b, h, n0), vv.s2, vv.s3, false, nb, d.Dv, vp + t * v_blk);  // (nbp x Dv)
     }
   });
 
@@ -162,29 +174,32 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
     // A by-value copy: through the lambda's reference GCC re-loaded c with a gather
     // in every vector iteration of the softmax loops.
     const A cs = c;
-    std::vector<E> qa(kBQ * Dp), pa(kBQ * (kBK + 1));
-    std::vector<A> s(kBQ * kBK), acc(kBQ * d.Dv), m(kBQ), l(kBQ);
+    E* const qa = scratch<E>(2, kBQ * Dp);
+    E* const pa = scratch<E>(3, kBQ * (kBK + 1));
+    A* const s = scratch<A>(4, kBQ * kBK);
+    A* const acc = scratch<A>(5, kBQ * d.Dv);
+    std::vector<A> m(kBQ), l(kBQ);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nqb, r0 = (t % nqb) * kBQ, rows = std::min(kBQ, d.Nq - r0);
       const int64_t b = bh / d.H, h = bh % d.H;
-      pack_a(qv.row(b, h, r0), qv.s2, qv.s3, false, rows, d.D, qa.data());        // (rows x Dp)
+      pack_a(qv.row(b, h, r0), qv.s2, qv.s3, false, rows, d.D, qa);        // (rows x Dp)
       std::fill(m.begin(), m.end(), -std::numeric_limits<A>::infinity());
       std::fill(l.begin(), l.end(), A(0));
-      std::fill(acc.begin(), acc.end(), A(0));
+      std::fill(acc, acc + rows * d.Dv, A(0));
       for (int64_t j = 0; j < nkb; ++j) {
         const int64_t nb = std::min(kBK, d.Nk - j * kBK), nbp = padk(nb, V);
-        gemm(rows, nb, d.D, qa.data(), kt.data() + (bh * nkb + j) * kt_blk, s.data(), nb, false);  // 1.
+        gemm(rows, nb, d.D, qa, kt + (bh * nkb + j) * kt_blk, s, nb, false);  // 1.
         for (int64_t r = 0; r < rows; ++r) {
-          const A* sr = s.data() + r * nb;
+          const A* sr = s + r * nb;
           A mx = -std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(max : mx)
           for (int64_t n = 0; n < nb; ++n) mx = std::max(mx, cs * sr[n]);
           const A mnew = std::max(m[r], mx), alpha = exp_f(m[r] - mnew);             // 2.
-          E* pr = pa.data() + r * nbp;
+          E* pr = pa + r * nbp;
           A sum = 0;
 #pragma omp simd reduction(+ : sum)
           for (int64_t n = 0; n < nb; ++n) {
-            const A p = exp_f(cs * sr[n] - mnew);
+            const A p = exp_nonpos(cs * sr[n] - mnew);
             sum += p;
             pr[n] = cvt<E>(p);
           }
@@ -192,17 +207,17 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
           l[r] = l[r] * alpha + sum;                                                  // 3.
           m[r] = mnew;
           if (alpha != A(1)) {
-            A* ar = acc.data() + r * d.Dv;
+            A* ar = acc + r * d.Dv;
 #pragma omp simd
             for (int64_t e = 0; e < d.Dv; ++e) ar[e] *= alpha;
           }
         }
-        gemm(rows, d.Dv, nb, pa.data(), vp.data() + (bh * nkb + j) * v_blk, acc.data(), d.Dv, true);
+        gemm(rows, d.Dv, nb, pa, vp + (bh * nkb + j) * v_blk, acc, d.Dv, true);
       }
       for (int64_t r = 0; r < rows; ++r) {                                            // 4.
         const A inv = A(1) / l[r];
         T* orow = o + (bh * d.Nq + r0 + r) * d.Dv;
-        const A* ar = acc.data() + r * d.Dv;
+        const A* ar = acc + r * d.Dv;
 #pragma omp simd
         for (int64_t e = 0; e < d.Dv; ++e) orow[e] = cvt<T>(ar[e] * inv);
         lp[bh * d.Nq + r0 + r] = m[r] + std::log(l[r]);
@@ -268,7 +283,7 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
             A* sr = s.data() + r * nb;
             const A lse_r = lr[r];
 #pragma omp simd
-            for (int64_t n = 0; n < nb; ++n) sr[n] = exp_f(cs * sr[n] - lse_r);  // P
+            for (int64_t n = 0; n < nb; ++n) sr[n] = exp_nonpos(cs * sr[n] - lse_r);  // P
           }
           pack_a(s.data(), nb, 1, true, nb, rows, ta.data());                          // P^T (nb x rows)
           gemm(nb, d.Dv, rows, ta.data(), dob.data() + i * kBQ * d.Dv, dva.data(), d.Dv, true);  // dV_j
