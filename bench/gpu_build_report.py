@@ -211,7 +211,7 @@ _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) b
 
 
 def parse_ptxas(report: str, arch: str) -> list[Built]:
-    """Rows from ptxas -v: one per kernel entry point (names demangled by c++filt if present)."""
+    """Rows from ptxas -v: one per kernel entry point, under its mangled name."""
     rows, cur, spill = [], None, 0
     for line in report.splitlines():
         if m := _FUNC.search(line):
@@ -220,8 +220,7 @@ def parse_ptxas(report: str, arch: str) -> list[Built]:
             spill = int(m.group(2))
         elif (m := re.search(r"Used (\d+) registers", line)) and cur:
             smem = re.search(r"(\d+) bytes smem", line)
-            rows.append(Built(_demangle(cur), arch, "", int(m.group(1)), int(smem.group(1)) if smem else 0,
-                              spill, "-"))
+            rows.append(Built(cur, arch, "", int(m.group(1)), int(smem.group(1)) if smem else 0, spill, "-"))
             cur = None
     return rows
 
@@ -235,12 +234,48 @@ def _demangle(name: str) -> str:
     return re.sub(r"\(.*\)$", "", out).replace("flashcore::cuda::", "")
 
 
+def sass_mma(obj: Path) -> dict[str, str]:
+    """Mangled kernel name -> "HMMA" when its SASS has tensor-core instructions, else "-"."""
+    out = subprocess.run([_cuobjdump(), "-sass", str(obj)], capture_output=True, text=True, check=True).stdout
+    return {chunk.split(None, 1)[0]: ("HMMA" if "HMMA" in chunk else "-") for chunk in out.split("Function : ")[1:]}
+
+
+def build_emu_lib(out: Path) -> Path:
+    """The CUDA sources built by g++ against csrc/cuda/host_emu.h (see docs/gpu.md)."""
+    srcs = [str(p) for p in kernel_sources()] + [str(CUDA_DIR / "emu_selftest.cpp")]
+    cmd = [shutil.which("g++") or "g++", "-std=c++17", "-O2", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-Werror",
+           "-shared", "-fPIC", "-DFLASHCORE_HOST_EMU", "-x", "c++", *srcs, "-o", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"g++ failed on the host emulation build:\n{res.stderr}")
+    return out
+
+
+_DT = {"__half": 0, "__nv_bfloat16": 1, "float": 2}
+
+
+def dynamic_smem(lib, kernel: str) -> int:
+    """Bytes of dynamic shared memory the launcher requests for a demangled attention kernel."""
+    m = re.search(r"attn_(fwd|bwd_dq|bwd_dkdv)_kernel<(\w+), (\d+)>", kernel)
+    if not m:
+        return 0
+    fn = lib.fc_attention_fwd_smem if m.group(1) == "fwd" else lib.fc_attention_bwd_smem
+    return fn(_DT[m.group(2)], int(m.group(3)))
+
+
 def cuda_builds(archs=tuple(NVCC_ARCHS)) -> list[Built]:
+    import ctypes
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        lib = ctypes.CDLL(str(build_emu_lib(Path(tmp) / "emu.so")))
         for src in kernel_sources():
             for arch in archs:
-                for b in parse_ptxas(compile_cuda(src, arch, Path(tmp)), arch):
+                b_rows = parse_ptxas(compile_cuda(src, arch, Path(tmp)), arch)
+                mma = sass_mma(Path(tmp) / f"{src.stem}.{arch}.o")
+                for b in b_rows:
+                    b.mma = mma.get(b.kernel, "?")
+                    b.kernel = _demangle(b.kernel)
+                    b.shared += dynamic_smem(lib, b.kernel)
                     b.variant = src.name
                     rows.append(b)
     return rows
@@ -294,8 +329,9 @@ def main(argv=None) -> int:
               "these are compile-time figures, not measurements. Registers and local memory are per thread, "
               "shared memory per block. Triton rows: every autotuning config of the generation for the first "
               "variant, the first config for the others; `dN` is the head dim (padded to a power of two). "
-              "CUDA C++ rows: ptxas -v for each kernel instantiation; the attention kernels also request "
-              "dynamic shared memory at launch (see csrc/cuda/attention_common.cuh, `smem_bytes`).\n\n")
+              "CUDA C++ rows: ptxas -v for each kernel instantiation (template arguments: storage type, "
+              "padded head dim); shared memory is static plus the dynamic amount the launcher requests; "
+              "tensor cores: HMMA instructions in the kernel's SASS (cuobjdump -sass).\n\n")
     Path(args.out).write_text(header + text + "\n")
     print(f"wrote {args.out}")
     return 0

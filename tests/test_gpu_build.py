@@ -92,8 +92,11 @@ def test_cuda_kernel_compiles_with_nvcc(src, arch, tmp_path):
     out = report.compile_cuda(CUDA_DIR / src, arch, tmp_path, extra)
     rows = report.parse_ptxas(out, arch)
     assert rows, f"ptxas reported no kernel for {src}"
+    mma = report.sass_mma(tmp_path / f"{Path(src).stem}.{arch}.o")
     for r in rows:
         assert r.registers <= 255 and r.shared <= 48 * 1024, r
+        if "attn_" in r.kernel and "delta" not in r.kernel and ("6__half" in r.kernel or "bfloat16" in r.kernel):
+            assert mma[r.kernel] == "HMMA", f"{r.kernel} does not use the tensor cores on {arch}"
 
 
 @needs_nvcc
@@ -111,18 +114,21 @@ def test_cuda_binding_compiles_with_nvcc(tmp_path):
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     """The CUDA sources built by g++ against host_emu.h, loaded through ctypes."""
-    cxx = shutil.which("g++")
-    if not cxx:
+    if not shutil.which("g++"):
         pytest.skip("g++ not found")
-    lib = tmp_path_factory.mktemp("emu") / "libflashcore_cuda_emu.so"
-    srcs = [str(p) for p in report.kernel_sources()] + [str(CUDA_DIR / "emu_selftest.cpp")]
-    cmd = [cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-Werror", "-shared", "-fPIC",
-           "-DFLASHCORE_HOST_EMU", "-x", "c++", *srcs, "-o", str(lib)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    lib = report.build_emu_lib(tmp_path_factory.mktemp("emu") / "libflashcore_cuda_emu.so")
     so = ctypes.CDLL(str(lib))
     so.fc_srl_loss_workspace.restype = ctypes.c_int64
     return so
+
+
+@pytest.fixture(params=["forward", "reverse"])
+def emu_ordered(emu, request):
+    """The emulation with a block's threads resumed in index order, then in reverse: a
+    missing barrier then reads unwritten (or overwritten) shared memory in one of them."""
+    emu.fc_emu_set_reverse_order(int(request.param == "reverse"))
+    yield emu
+    emu.fc_emu_set_reverse_order(0)
 
 
 def _p(t):
@@ -155,6 +161,12 @@ def test_emulator_barriers_and_shuffles(emu):
     b = torch.zeros(64, dtype=torch.int32)
     emu.fc_emu_reverse(_p(a), _p(b), 64)
     assert torch.equal(b, a.flip(0))
+    for order in (0, 1):   # the emulator's own race check: a missing barrier is seen either way
+        emu.fc_emu_set_reverse_order(order)
+        fresh = a + 1000 * (order + 1)   # new values: static shared memory keeps the last launch's
+        emu.fc_emu_reverse_without_barrier(_p(fresh), _p(b), 64)
+        assert not torch.equal(b, fresh.flip(0))
+    emu.fc_emu_set_reverse_order(0)
     x = torch.rand(64)
     y = torch.zeros(64)
     emu.fc_emu_warp_sums(_p(x), _p(y), 64)
@@ -190,7 +202,8 @@ def test_cuda_sampler_step_on_host(emu, dtype, cfg):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_srl_loss_and_renoise_on_host(emu, dtype):
+def test_cuda_srl_loss_and_renoise_on_host(emu_ordered, dtype):
+    emu = emu_ordered
     g = torch.Generator().manual_seed(2)
     n = 5000
     xt, es, tgt = (torch.randn(n, generator=g).to(dtype) for _ in range(3))
@@ -225,9 +238,10 @@ def _err(a, b):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_cuda_attention_on_host(emu, dtype, shape):
+def test_cuda_attention_on_host(emu_ordered, dtype, shape):
     """FlashAttention's rule: error vs the float64 reference at most twice that of the
     reference run in the input precision, plus a small atol."""
+    emu = emu_ordered
     q, k, v, do, scale = _attn_inputs(shape, dtype, seed=3)
     B, H, Nq, Nk, D = shape
     atol = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype]

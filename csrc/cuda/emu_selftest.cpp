@@ -18,6 +18,12 @@ __global__ void reverse_through_shared_kernel(const int* in, int* out) {
   out[threadIdx.x] = buf[blockDim.x - 1 - threadIdx.x];
 }
 
+__global__ void reverse_without_barrier_kernel(const int* in, int* out) {
+  __shared__ int buf[64];
+  buf[threadIdx.x] = in[threadIdx.x];   // a bug: no __syncthreads before reading others' slots
+  out[threadIdx.x] = buf[blockDim.x - 1 - threadIdx.x];
+}
+
 __global__ void butterfly_sum_kernel(const float* in, float* out) {
   float v = in[threadIdx.x];
   for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
@@ -27,6 +33,9 @@ __global__ void butterfly_sum_kernel(const float* in, float* out) {
 }  // namespace
 
 extern "C" {
+
+// 0: threads resume in index order between barriers, 1: in reverse order.
+void fc_emu_set_reverse_order(int reverse) { fc_emu::reverse_order() = reverse != 0; }
 
 void fc_emu_float_to_half(const float* in, uint16_t* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = __float2half(in[i]).x;
@@ -52,6 +61,11 @@ int fc_emu_detects_deadlock(void) {
 
 void fc_emu_reverse(const int* in, int* out, int n) {
   auto kern = reverse_through_shared_kernel;
+  FC_LAUNCH(kern, 1, n, 0, nullptr, in, out);
+}
+
+void fc_emu_reverse_without_barrier(const int* in, int* out, int n) {
+  auto kern = reverse_without_barrier_kernel;
   FC_LAUNCH(kern, 1, n, 0, nullptr, in, out);
 }
 

@@ -8,6 +8,9 @@
 //     block / warp must reach (one that some threads skip or exit before is
 //     reported as a deadlock instead of hanging);
 //   - __shfl_xor_sync / __shfl_down_sync exchange values between lanes;
+//   - between barriers the threads run in index order or in reverse
+//     (reverse_order()), so a missing barrier is seen as a read of shared
+//     memory not yet written, or already overwritten, in one of the two;
 //   - dynamic shared memory is filled with NaN bytes at every block start, so a
 //     read of shared memory the kernel never wrote poisons the result;
 //   - nvcuda::wmma fragments follow the documented API (the per-lane layout is
@@ -76,6 +79,15 @@ struct Block {
   const std::function<void()>* body = nullptr;
   int warp_size(int w) const { return n - 32 * w < 32 ? n - 32 * w : 32; }
 };
+
+// Order in which the scheduler resumes a block's threads between barriers. Threads
+// run to the next barrier one after the other, so a missing barrier shows up as a
+// read of data not yet written (or already overwritten) by a thread that runs
+// later; running the same test in both orders covers both directions.
+inline bool& reverse_order() {
+  static bool r = false;
+  return r;
+}
 
 inline Block*& current() {
   static Block* b = nullptr;
@@ -155,7 +167,8 @@ inline void run_block(Block& b, dim3 block) {
   }
   for (;;) {
     bool progress = false, all_done = true;
-    for (int t = 0; t < b.n; ++t) {
+    for (int i = 0; i < b.n; ++i) {
+      const int t = reverse_order() ? b.n - 1 - i : i;
       Fiber& f = b.fibers[t];
       if (f.done) continue;
       all_done = false;
