@@ -1,0 +1,81 @@
+"""Fused sampler update (flashcore.ops.sampler_step) against the eager reference,
+torch.compile of the reference, and this machine's copy bandwidth.
+
+Two variants: the teacher's first step (CFG combine + noise correction + clip:
+reads x_t, eps_c, eps_u, x_T, writes x_s, x0) and the student's step (no CFG, no
+correction: reads x_t, eps_c, writes x_s, x0). GB/s counts bytes read plus
+written at a >= 64 MB size; the models' real latents are reported in
+microseconds per call, where call overhead, not bandwidth, decides.
+
+    python bench/bench_sampler_step.py [--quick] [--providers eager,flashcore]
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+from flashcore import benchmarking as B
+from flashcore.ops import sampler_step, sampler_step_ref
+
+NAME = "sampler_step"
+TITLE = "Fused sampler update (CPU)"
+# the shipped models' latents: DiT latent at batch 1 and 8, the MNIST eval batch
+LATENTS = [(1, 4, 32, 32), (8, 4, 32, 32), (128, 1, 28, 28)]
+BIG = (128, 4, 128, 128)        # 8.4 M elements: 201 MB of traffic in fp32, 100 MB in bf16 (teacher variant)
+COEF = dict(a_t=0.068, s_t=0.998, a_s=0.55, s_s=0.83)
+VARIANTS = {   # name -> (uses eps_u and x_T, tensors read, tensors written)
+    "sampler_step": (True, 4, 2),
+    "sampler_step.student": (False, 2, 2),
+}
+NOTES = ("value: GB/s (bytes read + written) at the large size, microseconds per call at the latent sizes",
+         "copy: torch copy_ into a preallocated buffer (256 MB; 64 MB with --quick), measured in the same run")
+
+
+def _inputs(shape, dtype, teacher: bool):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=g).to(dtype) for _ in range(4 if teacher else 2)]
+
+
+def _providers(teacher: bool, xs) -> dict:
+    if teacher:
+        x_t, e_c, e_u, x_T = xs
+        kw = dict(guidance=3.0, noise_correction=True, clip=1.0)
+    else:
+        (x_t, e_c), e_u, x_T = xs, None, None
+        kw = dict(guidance=1.0, noise_correction=False, clip=0.0)
+    c = COEF
+    args = (c["a_t"], c["s_t"], c["a_s"], c["s_s"], kw["guidance"], kw["noise_correction"], kw["clip"])
+
+    def ref(x_t, e_c, e_u, x_T):
+        return sampler_step_ref(x_t, e_c, e_u, x_T, *args)
+
+    compiled = B.compile_fresh(ref)
+    provs = {"eager": lambda: ref(x_t, e_c, e_u, x_T), "compile": lambda: compiled(x_t, e_c, e_u, x_T)}
+    for b in B.flashcore_backends("sampler_step", x_t, e_c, e_u, x_T, *args):
+        provs[f"flashcore-{b}"] = (lambda b=b: sampler_step(x_t, e_c, eps_u=e_u, x_T=x_T, backend=b, **c, **kw))
+    return provs
+
+
+def run(quick: bool = False, providers=None, log=None) -> list[dict]:
+    bw, bw_t = B.copy_bandwidth(64 << 20 if quick else 256 << 20)
+    rows = [B.make_row("copy", "torch.copy_", "64MB" if quick else "256MB", "fp32", bw_t, "GB/s", bw)]
+    shapes = [LATENTS[0], (16, 4, 64, 64)] if quick else LATENTS + [BIG]
+    dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    variants = ["sampler_step"] if quick else list(VARIANTS)
+    timing = dict(warmup=1, repeats=5, min_sample_ms=0.5) if quick else dict(warmup=3, repeats=25)
+    for name in variants:
+        teacher, n_in, n_out = VARIANTS[name]
+        for dtype in dtypes:
+            for shape in shapes:
+                xs = _inputs(shape, dtype, teacher)
+                work = math.prod(shape) * xs[0].element_size() * (n_in + n_out)
+                unit = "GB/s" if shape == shapes[-1] else "us"
+                rows += B.bench_case(name, shape, dtype, _providers(teacher, xs), unit=unit, work=work,
+                                     providers=providers, timing=timing, log=log)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(B.script_main(__name__))

@@ -1,0 +1,72 @@
+"""Shifted Reconstruction Loss (loss + gradient in one pass) and the re-noising
+of x0, flashcore against the eager reference and torch.compile of it.
+
+srl_loss reads x_t, eps_S, x0_T and writes the gradient (plus a scalar);
+srl_renoise reads x0, eps' and writes chi. GB/s counts bytes read plus written
+at a >= 64 MB size, against the copy bandwidth measured in the same run; the
+training batch latents are reported in microseconds per call.
+
+    python bench/bench_srl_loss.py [--quick] [--providers eager,flashcore]
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+from flashcore import benchmarking as B
+from flashcore.ops import srl_loss, srl_loss_ref, srl_renoise, srl_renoise_ref
+
+NAME = "srl_loss"
+TITLE = "SRL loss + gradient and re-noising (CPU)"
+LATENTS = [(1, 4, 32, 32), (8, 4, 32, 32), (128, 1, 28, 28)]
+BIG = (128, 4, 128, 128)        # 8.4 M elements: 134 MB of traffic in fp32, 67 MB in bf16 (srl_loss)
+A_T, S_T = 0.55, 0.83
+OPS = {"srl_loss": (3, 1), "srl_renoise": (2, 1)}   # tensors read, written
+NOTES = ("value: GB/s (bytes read + written) at the large size, microseconds per call at the latent sizes",
+         "copy: torch copy_ into a preallocated buffer (256 MB; 64 MB with --quick), measured in the same run",
+         "srl_loss is timed forward only: its fused kernel writes the gradient in the same pass")
+
+
+def _providers(op: str, xs) -> dict:
+    if op == "srl_loss":
+        def ref(a, b, c):
+            return srl_loss_ref(a, b, c, A_T, S_T)
+        public = (lambda b: lambda: srl_loss(*xs, a_t=A_T, s_t=S_T, backend=b))
+        args = (*xs, A_T, S_T)
+    else:
+        def ref(a, b):
+            return srl_renoise_ref(a, b, A_T, S_T)
+        public = (lambda b: lambda: srl_renoise(*xs, a=A_T, s=S_T, backend=b))
+        args = (*xs, A_T, S_T)
+    compiled = B.compile_fresh(ref)
+    provs = {"eager": lambda: ref(*xs), "compile": lambda: compiled(*xs)}
+    for b in B.flashcore_backends(op, *args):
+        provs[f"flashcore-{b}"] = public(b)
+    if op == "srl_loss":
+        # the public op returns the loss only (the gradient is kept for backward): compare the loss
+        provs = {k: (lambda f=f, k=k: f() if k.startswith("flashcore") else f()[0]) for k, f in provs.items()}
+    return provs
+
+
+def run(quick: bool = False, providers=None, log=None) -> list[dict]:
+    bw, bw_t = B.copy_bandwidth(64 << 20 if quick else 256 << 20)
+    rows = [B.make_row("copy", "torch.copy_", "64MB" if quick else "256MB", "fp32", bw_t, "GB/s", bw)]
+    shapes = [LATENTS[0], (16, 4, 64, 64)] if quick else LATENTS + [BIG]
+    dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    timing = dict(warmup=1, repeats=5, min_sample_ms=0.5) if quick else dict(warmup=3, repeats=25)
+    for op, (n_in, n_out) in OPS.items():
+        for dtype in dtypes:
+            for shape in shapes:
+                g = torch.Generator().manual_seed(0)
+                xs = [torch.randn(shape, generator=g).to(dtype) for _ in range(n_in)]
+                work = math.prod(shape) * xs[0].element_size() * (n_in + n_out)
+                unit = "GB/s" if shape == shapes[-1] else "us"
+                rows += B.bench_case(op, shape, dtype, _providers(op, xs), unit=unit, work=work,
+                                     providers=providers, timing=timing, log=log)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(B.script_main(__name__))

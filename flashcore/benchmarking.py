@@ -1,0 +1,393 @@
+"""Shared benchmark harness: timing, rows, CSV/JSON/markdown/PNG output, suites.
+
+Rows are dicts with the columns of ``COLUMNS`` (the CPU benchmarks in bench/ and
+bench/bench_gpu.py write the same CSV); extra keys (``note``, ``rel_err``...) go
+to JSON and markdown only. Timing on the CPU: warm-up first, then ``repeats``
+samples, each the mean of enough back-to-back calls to last ``min_sample_ms``
+(so microsecond kernels are not timer noise); p50 with p20/p80 over samples.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import functools
+import importlib.util
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+COLUMNS = ["name", "provider", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms", "unit", "value", "device",
+           "commit", "torch", "time"]
+ROOT = Path(os.environ.get("FLASHCORE_HOME", Path(__file__).resolve().parents[1]))
+BENCH_DIR = ROOT / "bench"
+RESULTS_DIR = BENCH_DIR / "results"
+SUITES = {
+    "kernels": ("bench_sampler_step", "bench_srl_loss", "bench_attention"),
+    "step": ("bench_step",),
+    "e2e": ("bench_e2e",),
+}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+# ------------------------------------------------------------------ timing --
+
+@dataclass
+class Timing:
+    p50_ms: float
+    p20_ms: float
+    p80_ms: float
+    samples: int
+    inner: int            # calls per sample
+
+
+def quantile(xs: list[float], q: float) -> float:
+    """Linear-interpolated quantile (numpy's default method)."""
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def measure(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 25, min_sample_ms: float = 2.0,
+            max_seconds: float = 30.0) -> Timing:
+    """Time ``fn()`` on the CPU; returns p50/p20/p80 in ms per call.
+
+    ``max_seconds`` caps the sampling phase (slow providers get fewer samples,
+    at least 3) so one slow row cannot stall a whole suite.
+    """
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-7)
+    inner = max(1, min(100_000, math.ceil(min_sample_ms * 1e-3 / once)))
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < repeats:
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - t0) * 1e3 / inner)
+        if len(samples) >= 3 and time.perf_counter() - start > max_seconds:
+            break
+    return Timing(quantile(samples, 0.5), quantile(samples, 0.2), quantile(samples, 0.8), len(samples), inner)
+
+
+def timing_of_seconds(seconds: float) -> Timing:
+    """A one-shot measurement (compile time) as a Timing with p20 = p50 = p80."""
+    ms = seconds * 1e3
+    return Timing(ms, ms, ms, 1, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth(nbytes: int = 256 << 20) -> tuple[float, Timing]:
+    """This machine's copy bandwidth in GB/s (read + write) and its timing.
+
+    A preallocated destination, so the number is the memory system's and not
+    the page-fault rate of fresh allocations (PITFALLS: 2 against 100 GB/s).
+    Cached per process: every element-wise row of one run compares with the
+    same measurement.
+    """
+    n = nbytes // 4
+    src = torch.randn(n)
+    dst = torch.empty_like(src)
+    tm = measure(lambda: dst.copy_(src), warmup=2, repeats=15, min_sample_ms=1.0)
+    return 2 * n * 4 / (tm.p50_ms * 1e-3) / 1e9, tm
+
+
+# ------------------------------------------------------------------ rows ----
+
+@functools.lru_cache(maxsize=None)
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+@functools.lru_cache(maxsize=None)
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def dtype_name(dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype)) if isinstance(dtype, torch.dtype) else str(dtype)
+
+
+def make_row(name: str, provider: str, shape, dtype, timing: Timing, unit: str, value: float, **extra) -> dict:
+    """One result row; ``shape`` a tuple (joined with x) or a string, ``dtype`` a torch dtype or a name."""
+    shape = "x".join(map(str, shape)) if isinstance(shape, (tuple, list, torch.Size)) else str(shape)
+    row = {"name": name, "provider": provider, "shape": shape, "dtype": dtype_name(dtype),
+           "p50_ms": round(timing.p50_ms, 6), "p20_ms": round(timing.p20_ms, 6), "p80_ms": round(timing.p80_ms, 6),
+           "unit": unit, "value": round(float(value), 4), "device": device_name(), "commit": git_commit(),
+           "torch": torch.__version__,
+           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    row.update(extra)
+    return row
+
+
+def throughput_row(name, provider, shape, dtype, timing: Timing, unit: str, work: float, **extra) -> dict:
+    """Row whose value is ``work`` per second: bytes -> GB/s, FLOPs -> GFLOP/s, calls -> us."""
+    if unit == "us":
+        value = timing.p50_ms * 1e3
+    else:
+        value = work / (timing.p50_ms * 1e-3) / 1e9
+    return make_row(name, provider, shape, dtype, timing, unit, value, **extra)
+
+
+def validate_rows(rows: Iterable[dict]) -> None:
+    """Raise ValueError unless every row has the columns with sane values."""
+    for r in rows:
+        missing = [c for c in COLUMNS if c not in r]
+        if missing:
+            raise ValueError(f"benchmark row {r.get('name')!r}/{r.get('provider')!r} lacks {missing}")
+        for c in ("p50_ms", "p20_ms", "p80_ms", "value"):
+            if not isinstance(r[c], (int, float)) or not math.isfinite(r[c]) or r[c] < 0:
+                raise ValueError(f"benchmark row {r['name']}/{r['provider']}: {c}={r[c]!r}")
+        if not r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"]:
+            raise ValueError(f"benchmark row {r['name']}/{r['provider']}: quantiles out of order")
+
+
+# ------------------------------------------------------------------ output --
+
+def append_csv(path: str | Path, rows: list[dict]) -> None:
+    """Append ``rows`` to a CSV in ``COLUMNS`` order, writing the header for a new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with path.open() as f:
+            header = f.readline().strip().split(",")
+        if header != COLUMNS:
+            raise ValueError(f"{path}: header {header} is not {COLUMNS}; write to a new file")
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+def write_json(path: str | Path, rows: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def _group_key(r: dict) -> tuple:
+    return r["name"], r["shape"], r["dtype"]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows with speed-up against the ``eager`` row of the same case, and the
+    share of the measured copy bandwidth for GB/s rows."""
+    eager = {_group_key(r): r["p50_ms"] for r in rows if r["provider"] == "eager"}
+    copy_bw = next((r["value"] for r in rows if r["name"] == "copy"), None)
+    lines = ["| name | provider | shape | dtype | p50 ms | p20-p80 ms | value | vs eager | note |",
+             "|---|---|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        base = eager.get(_group_key(r))
+        speed = f"{base / r['p50_ms']:.2f}x" if base and r["p50_ms"] > 0 and r["unit"] not in ("s",) else ""
+        value = f"{r['value']:.4g} {r['unit']}"
+        if r["unit"] == "GB/s" and copy_bw and r["name"] != "copy":
+            value += f" ({100 * r['value'] / copy_bw:.0f}% of copy)"
+        note = r.get("note", "")
+        if r.get("rel_err") is not None:
+            note = (note + f" rel. err vs eager fp32 {r['rel_err']:.1e}").strip()
+        elif r.get("max_abs_err"):
+            note = (note + f" max abs err vs eager {r['max_abs_err']:.1e}").strip()
+        lines.append(f"| {r['name']} | {r['provider']} | {r['shape']} | {r['dtype']} | {r['p50_ms']:.4g} | "
+                     f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g} | {value} | {speed} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: str | Path, title: str, rows: list[dict], notes: Iterable[str] = ()) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = rows[0] if rows else {}
+    meta = (f"device: {head.get('device', device_name())}; torch {torch.__version__}; "
+            f"commit {head.get('commit', git_commit())}; {head.get('time', '')}")
+    body = [f"# {title}", "", meta, ""] + [f"- {n}" for n in notes] + ([""] if notes else [])
+    path.write_text("\n".join(body) + "\n" + markdown_table(rows))
+
+
+def plot(path: str | Path, title: str, rows: list[dict]) -> bool:
+    """Grouped bars of p50 latency (log scale) per case and provider; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in rows if r["unit"] != "s" and r["p50_ms"] > 0]      # compile-time rows: table only
+    if not rows:
+        return False
+    cases = list(dict.fromkeys(f"{r['name']}\n{r['shape']} {r['dtype']}" for r in rows))
+    provs = list(dict.fromkeys(r["provider"] for r in rows))
+    width = 0.8 / len(provs)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(cases) + 2), 4.5))
+    for j, p in enumerate(provs):
+        xs, ys = [], []
+        for r in rows:
+            if r["provider"] == p:
+                xs.append(cases.index(f"{r['name']}\n{r['shape']} {r['dtype']}") + (j - (len(provs) - 1) / 2) * width)
+                ys.append(r["p50_ms"])
+        ax.bar(xs, ys, width=width, label=p)
+    ax.set_yscale("log")
+    ax.set_ylabel("p50 latency, ms (log)")
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels(cases, fontsize=7, rotation=30, ha="right")
+    ax.set_title(f"{title} ({device_name()})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def publish(name: str, title: str, rows: list[dict], out_dir: str | Path = RESULTS_DIR,
+            notes: Iterable[str] = ()) -> None:
+    """Append to ``out_dir/results.csv``; (re)write ``out_dir/<name>.md`` and ``<name>.png``."""
+    validate_rows(rows)
+    out_dir = Path(out_dir)
+    append_csv(out_dir / "results.csv", rows)
+    write_markdown(out_dir / f"{name}.md", title, rows, notes)
+    plot(out_dir / f"{name}.png", title, rows)
+
+
+# --------------------------------------------------------------- providers --
+
+def flashcore_backends(op: str, *args) -> list[str]:
+    """flashcore backends (not the reference) that would really run ``op`` on these inputs.
+
+    On CPU tensors the GPU backends are left out even when they "run": Triton
+    then runs in its interpreter (TRITON_INTERPRET=1, for tests, ~1000x slower),
+    which is not a kernel worth timing.
+    """
+    from flashcore.ops import _dispatch
+    cpu = isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu"
+    out = []
+    for b, row in _dispatch.table(op).items():
+        if b == "reference" or (cpu and b in ("triton", "cuda")):
+            continue
+        if row.available() and row.supports(*args) is None:
+            out.append(b)
+    return out
+
+
+def compile_fresh(fn: Callable, **kw) -> Callable:
+    """torch.compile of a private copy of ``fn``, so each benchmark case has its own
+    dynamo cache (one shared code object would hit the recompile limit of 8 and
+    silently fall back to eager after a few shapes and dtypes)."""
+    from flashcore.engine import fresh_function
+    return torch.compile(fresh_function(fn), **kw)
+
+
+def timed_first_call(fn: Callable[[], object]) -> float:
+    """Seconds of the first call: where torch.compile traces and compiles."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _max_err(out, ref) -> float:
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+    return max((o.double() - r.double()).abs().max().item() for o, r in zip(outs, refs))
+
+
+def bench_case(name: str, shape, dtype, provs: dict[str, Callable[[], object]], *, unit: str, work: float,
+               providers: tuple[str, ...] | None = None, timing: dict | None = None,
+               log: Callable[[str], None] | None = None) -> list[dict]:
+    """Rows for one case: validate every provider against ``provs["eager"]``, then time it.
+
+    A provider named ``compile`` also gets a ``<name>.compile`` row (unit s) for
+    its first call. ``max_abs_err`` (against eager) rides along in JSON/markdown.
+    """
+    rows = []
+    expect = provs["eager"]()
+    for prov, fn in provs.items():
+        if not keep_provider(prov, providers):
+            continue
+        if prov.startswith("compile"):
+            secs = timed_first_call(fn)
+            rows.append(make_row(f"{name}.compile", prov, shape, dtype, timing_of_seconds(secs), "s", secs))
+        err = _max_err(fn(), expect)
+        t = measure(fn, **(timing or {}))
+        rows.append(throughput_row(name, prov, shape, dtype, t, unit, work, max_abs_err=err))
+        if log:
+            log(f"{name:22s} {prov:17s} {dtype_name(dtype)} {rows[-1]['shape']:14s} p50 {t.p50_ms * 1e3:10.1f} us"
+                f"  {rows[-1]['value']:9.4g} {unit}")
+    return rows
+
+
+# ------------------------------------------------------------------ suites --
+
+def load_bench(module: str):
+    """Import ``bench/<module>.py`` from the source tree (bench/ is not installed)."""
+    path = BENCH_DIR / f"{module}.py"
+    if not path.exists():
+        raise ValueError(f"bench: {path} not found; run from a flashcore source checkout "
+                         f"or set FLASHCORE_HOME to one")
+    spec = importlib.util.spec_from_file_location(f"flashcore_bench_{module}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_suite(suite: str, *, quick: bool = False, providers: tuple[str, ...] | None = None,
+              out_dir: str | Path = RESULTS_DIR, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Run the bench modules of ``suite`` (or "all"), publish each, return all rows."""
+    names = [m for s in SUITES.values() for m in s] if suite == "all" else list(SUITES[suite])
+    rows: list[dict] = []
+    for m in names:
+        mod = load_bench(m)
+        got = mod.run(quick=quick, providers=providers, log=log)
+        publish(mod.NAME, mod.TITLE, got, out_dir, notes=getattr(mod, "NOTES", ()))
+        rows += got
+    return rows
+
+
+def keep_provider(provider: str, providers: tuple[str, ...] | None) -> bool:
+    """``providers`` filters by prefix: "flashcore" keeps flashcore-cpp and flashcore-eager."""
+    return providers is None or any(provider.startswith(p) for p in providers)
+
+
+def script_main(mod_name: str, argv=None) -> int:
+    """``python bench/bench_<x>.py [--quick] [--providers a,b] [--out-dir D] [--json P]``."""
+    import argparse
+    ap = argparse.ArgumentParser(description=f"flashcore benchmark {mod_name}")
+    ap.add_argument("--quick", action="store_true", help="small sizes, few repeats: a smoke run")
+    ap.add_argument("--providers", default=None, help="comma list of provider names or prefixes")
+    ap.add_argument("--out-dir", default=str(RESULTS_DIR))
+    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    a = ap.parse_args(argv)
+    mod = sys.modules[mod_name]
+    provs = tuple(a.providers.split(",")) if a.providers else None
+    rows = mod.run(quick=a.quick, providers=provs, log=lambda s: sys.stdout.write(s + "\n"))
+    publish(mod.NAME, mod.TITLE, rows, a.out_dir, notes=getattr(mod, "NOTES", ()))
+    if a.json:
+        write_json(a.json, rows)
+    return 0

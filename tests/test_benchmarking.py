@@ -1,0 +1,151 @@
+"""The benchmark harness and the ``flashcore bench`` command produce well-formed rows.
+
+No timing is asserted (this machine may be busy): only the shape of the output,
+the quantile order and numbers derived from rows the test builds itself.
+"""
+import csv
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashcore import benchmarking as B
+from flashcore.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"name", "provider", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms"}
+
+
+def _row(name="op", provider="eager", p50=2.0, unit="GB/s", value=1.0, **kw):
+    return B.make_row(name, provider, (2, 3), torch.float32, B.Timing(p50, p50 * 0.9, p50 * 1.1, 5, 1), unit, value,
+                      **kw)
+
+
+def test_quantile_matches_torch():
+    xs = torch.rand(37, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for q in (0.2, 0.5, 0.8):
+        assert B.quantile(xs.tolist(), q) == pytest.approx(torch.quantile(xs, q).item(), rel=1e-12)
+
+
+def test_measure_orders_its_quantiles():
+    x = torch.randn(1000)
+    t = B.measure(lambda: x.sum(), warmup=1, repeats=7, min_sample_ms=0.2)
+    assert 0 < t.p20_ms <= t.p50_ms <= t.p80_ms and t.samples == 7 and t.inner >= 1
+
+
+def test_rows_have_the_shared_columns_and_csv_appends(tmp_path):
+    r = _row(max_abs_err=0.0)
+    assert list(r)[:len(B.COLUMNS)] == B.COLUMNS and r["shape"] == "2x3" and r["dtype"] == "fp32"
+    B.validate_rows([r])
+    path = tmp_path / "results.csv"
+    B.append_csv(path, [r])
+    B.append_csv(path, [r, r])
+    with path.open() as f:
+        got = list(csv.DictReader(f))
+    assert len(got) == 3 and list(got[0]) == B.COLUMNS           # extras stay out of the CSV
+    bad = tmp_path / "other.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="header"):
+        B.append_csv(bad, [r])
+
+
+def test_gpu_bench_writes_the_same_columns():
+    path = ROOT / "bench" / "bench_gpu.py"
+    if not path.exists():
+        pytest.skip("bench/bench_gpu.py not in this checkout")
+    spec = importlib.util.spec_from_file_location("bench_gpu_cols", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    assert mod.COLUMNS == B.COLUMNS
+
+
+def test_validate_rejects_bad_rows():
+    with pytest.raises(ValueError, match="lacks"):
+        B.validate_rows([{"name": "x"}])
+    r = _row()
+    r["p20_ms"] = r["p80_ms"] + 1
+    with pytest.raises(ValueError, match="order"):
+        B.validate_rows([r])
+    r = _row(value=float("nan"))
+    with pytest.raises(ValueError, match="value"):
+        B.validate_rows([r])
+
+
+def test_markdown_speedup_and_copy_share(tmp_path):
+    rows = [_row("copy", "torch.copy_", p50=1.0, value=40.0), _row(p50=4.0, value=10.0),
+            _row(provider="flashcore-cpp", p50=1.0, value=20.0)]
+    table = B.markdown_table(rows)
+    assert "| 4.00x |" in table                                   # eager p50 / flashcore p50
+    assert "(50% of copy)" in table and "(25% of copy)" in table
+    B.write_markdown(tmp_path / "x.md", "title", rows, notes=["a note"])
+    text = (tmp_path / "x.md").read_text()
+    assert text.startswith("# title") and "- a note\n\n| name" in text
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    assert B.plot(tmp_path / "x.png", "t", [_row(), _row(provider="compile", p50=1.0)])
+    assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_case_times_compile_apart():
+    x = torch.randn(256)
+    compiled = B.compile_fresh(lambda a: a * 2 + 1)
+    provs = {"eager": lambda: x * 2 + 1, "compile": lambda: compiled(x)}
+    rows = B.bench_case("toy", (256,), torch.float32, provs, unit="GB/s", work=2 * 256 * 4,
+                        timing=dict(warmup=1, repeats=3, min_sample_ms=0.1))
+    assert [(r["name"], r["provider"], r["unit"]) for r in rows] == [
+        ("toy", "eager", "GB/s"), ("toy.compile", "compile", "s"), ("toy", "compile", "GB/s")]
+    assert all(r["max_abs_err"] <= 1e-6 for r in rows if "max_abs_err" in r)
+    B.validate_rows(rows)
+
+
+def _check_rows(rows):
+    assert rows and all(isinstance(r, dict) and KEYS <= set(r) and set(B.COLUMNS) <= set(r) for r in rows)
+    for r in rows:
+        assert all(isinstance(r[k], (int, float)) and math.isfinite(r[k]) for k in ("p50_ms", "p20_ms", "p80_ms"))
+        assert r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"]
+
+
+def test_cli_bench_quick_json(tmp_path):
+    """``flashcore bench --quick --json``: the kernels suite (compile providers left out for time)."""
+    out, js = tmp_path / "res", tmp_path / "rows.json"
+    assert cli_main(["bench", "--suite", "kernels", "--quick", "--providers", "eager,flashcore,sdpa",
+                     "--out-dir", str(out), "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())
+    _check_rows(rows)
+    names = {r["name"] for r in rows}
+    assert {"copy", "sampler_step", "srl_loss", "srl_renoise", "attention"} <= names
+    provs = {r["provider"] for r in rows}
+    assert {"eager", "sdpa"} <= provs and "compile" not in provs
+    for r in rows:                                   # every kernel agrees with its reference
+        assert r.get("max_abs_err", 0.0) <= (1e-4 if r["name"] == "attention" else 1e-5)
+    for name in ("sampler_step", "srl_loss", "attention"):
+        assert (out / f"{name}.md").exists() and (out / f"{name}.png").exists()
+    with (out / "results.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_step_and_e2e_suites_quick_without_compile(tmp_path):
+    """The step suite's eager, flashcore-eager and ONNX Runtime rows on a tiny DiT
+    (the compiled providers are covered by tests/test_engine.py), and the e2e rows."""
+    pytest.importorskip("onnxruntime")
+    step = B.load_bench("bench_step")
+    rows = step.run(quick=True, providers=("eager", "flashcore-eager", "onnxruntime"))
+    _check_rows(rows)
+    timed = [r for r in rows if r["unit"] == "ms"]
+    assert {(r["name"], r["provider"]) for r in timed} == {
+        (n, p) for n in ("student_step", "teacher_step") for p in ("eager", "flashcore-eager", "onnxruntime")}
+    assert all(r["rel_err"] < 1e-4 for r in timed)                # fp32 providers agree with eager
+    assert {r["name"] for r in rows if r["unit"] == "s"} == {"student_step.export", "teacher_step.export"}
+    e2e = B.load_bench("bench_e2e")
+    rows = e2e.run(quick=True, providers=("eager",))
+    _check_rows(rows)
+    assert {r["name"] for r in rows} == {"student_3step", "teacher_5step_cfg"}
+    B.publish(e2e.NAME, e2e.TITLE, rows, tmp_path, notes=e2e.NOTES)
+    assert "random weights" in (tmp_path / "e2e.md").read_text()
