@@ -190,6 +190,29 @@ def cmd_distill(a) -> int:
     return 0
 
 
+def _add_bench(sub):
+    p = sub.add_parser("bench", help="benchmarks: kernels, one sampler step, end-to-end image latency")
+    p.add_argument("--suite", choices=("kernels", "step", "e2e", "all"), default="all")
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats: a smoke run")
+    p.add_argument("--providers", default=None,
+                   help="comma list of providers (prefixes): eager,compile,flashcore,sdpa,onnxruntime")
+    p.add_argument("--out-dir", default=None, help="results.csv, <name>.md and <name>.png (default bench/results)")
+    p.add_argument("--json", default=None, help="also write every row as a JSON object here")
+    return p
+
+
+def cmd_bench(a) -> int:
+    from flashcore import benchmarking
+    provs = tuple(a.providers.split(",")) if a.providers else None
+    rows = benchmarking.run_suite(a.suite, quick=a.quick, providers=provs,
+                                  out_dir=a.out_dir or benchmarking.RESULTS_DIR,
+                                  log=lambda s: print(s, flush=True))
+    if a.json:
+        benchmarking.write_json(a.json, rows)
+    print(f"{len(rows)} rows -> {a.out_dir or benchmarking.RESULTS_DIR}")
+    return 0
+
+
 COMMANDS = {
     "train-teacher": (_add_train_teacher, cmd_train_teacher),
     "train-classifier": (_add_train_classifier, cmd_train_classifier),
@@ -197,6 +220,7 @@ COMMANDS = {
     "generate": (_add_generate, cmd_generate),
     "demo": (_add_demo, cmd_demo),
     "distill": (_add_distill, cmd_distill),
+    "bench": (_add_bench, cmd_bench),
 }
 
 
