@@ -47,7 +47,7 @@ inline To cvt(From x) {
 
 // exp for float, written so that GCC vectorises it inside simd loops (libm's expf is
 // only vectorised under -ffast-math, which setup.py does not pass). Cephes' expf:
-// x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 polynomial, 2^n through the exponent
+// x = n ln2 + r, |r| <= ln2/2, e^r by Cephes' minimax polynomial, 2^n through the exponent
 // bits; about 1 ulp. Inputs below -87.3 give ~1e-38 rather than 0, which is below
 // anything a softmax sum can see.
 inline float exp_f(float x) {
