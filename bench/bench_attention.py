@@ -41,7 +41,7 @@ def _providers(q, k, v) -> dict:
 def run(quick: bool = False, providers=None, log=None) -> list[dict]:
     shapes = SHAPES[:1] if quick else SHAPES
     dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
-    timing = dict(warmup=1, repeats=5, min_sample_ms=0.5) if quick else dict(warmup=3, repeats=25)
+    timing = dict(warmup=1, repeats=3, min_sample_ms=0.2) if quick else dict(warmup=3, repeats=25)
     rows = []
     for dtype in dtypes:
         for shape in shapes:

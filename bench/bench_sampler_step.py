@@ -30,7 +30,7 @@ VARIANTS = {   # name -> (uses eps_u and x_T, tensors read, tensors written)
     "sampler_step.student": (False, 2, 2),
 }
 NOTES = ("value: GB/s (bytes read + written) at the large size, microseconds per call at the latent sizes",
-         "copy: torch copy_ into a preallocated buffer (256 MB; 64 MB with --quick), measured in the same run")
+         "copy: torch copy_ into a preallocated buffer (256 MB; 16 MB with --quick), measured in the same run")
 
 
 def _inputs(shape, dtype, teacher: bool):
@@ -59,12 +59,12 @@ def _providers(teacher: bool, xs) -> dict:
 
 
 def run(quick: bool = False, providers=None, log=None) -> list[dict]:
-    bw, bw_t = B.copy_bandwidth(64 << 20 if quick else 256 << 20)
-    rows = [B.make_row("copy", "torch.copy_", "64MB" if quick else "256MB", "fp32", bw_t, "GB/s", bw)]
+    bw, bw_t = B.copy_bandwidth(16 << 20 if quick else 256 << 20)
+    rows = [B.make_row("copy", "torch.copy_", "16MB" if quick else "256MB", "fp32", bw_t, "GB/s", bw)]
     shapes = [LATENTS[0], (16, 4, 64, 64)] if quick else LATENTS + [BIG]
     dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
     variants = ["sampler_step"] if quick else list(VARIANTS)
-    timing = dict(warmup=1, repeats=5, min_sample_ms=0.5) if quick else dict(warmup=3, repeats=25)
+    timing = dict(warmup=1, repeats=3, min_sample_ms=0.2) if quick else dict(warmup=3, repeats=25)
     for name in variants:
         teacher, n_in, n_out = VARIANTS[name]
         for dtype in dtypes:

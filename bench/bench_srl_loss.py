@@ -25,7 +25,7 @@ BIG = (128, 4, 128, 128)        # 8.4 M elements: 134 MB of traffic in fp32, 67 
 A_T, S_T = 0.55, 0.83
 OPS = {"srl_loss": (3, 1), "srl_renoise": (2, 1)}   # tensors read, written
 NOTES = ("value: GB/s (bytes read + written) at the large size, microseconds per call at the latent sizes",
-         "copy: torch copy_ into a preallocated buffer (256 MB; 64 MB with --quick), measured in the same run",
+         "copy: torch copy_ into a preallocated buffer (256 MB; 16 MB with --quick), measured in the same run",
          "srl_loss is timed forward only: its fused kernel writes the gradient in the same pass")
 
 
@@ -51,11 +51,11 @@ def _providers(op: str, xs) -> dict:
 
 
 def run(quick: bool = False, providers=None, log=None) -> list[dict]:
-    bw, bw_t = B.copy_bandwidth(64 << 20 if quick else 256 << 20)
-    rows = [B.make_row("copy", "torch.copy_", "64MB" if quick else "256MB", "fp32", bw_t, "GB/s", bw)]
+    bw, bw_t = B.copy_bandwidth(16 << 20 if quick else 256 << 20)
+    rows = [B.make_row("copy", "torch.copy_", "16MB" if quick else "256MB", "fp32", bw_t, "GB/s", bw)]
     shapes = [LATENTS[0], (16, 4, 64, 64)] if quick else LATENTS + [BIG]
     dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
-    timing = dict(warmup=1, repeats=5, min_sample_ms=0.5) if quick else dict(warmup=3, repeats=25)
+    timing = dict(warmup=1, repeats=3, min_sample_ms=0.2) if quick else dict(warmup=3, repeats=25)
     for op, (n_in, n_out) in OPS.items():
         for dtype in dtypes:
             for shape in shapes:

@@ -165,7 +165,7 @@ def run(quick: bool = False, providers=None, log=None) -> list[dict]:
     fc, base = build_models(cfg)
     batches = (1,) if quick else (1, 8)
     dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
-    timing = dict(warmup=1, repeats=5, min_sample_ms=0.5) if quick else dict(warmup=3, repeats=20, max_seconds=20)
+    timing = dict(warmup=1, repeats=3, min_sample_ms=0.2) if quick else dict(warmup=3, repeats=20, max_seconds=20)
     rows = []
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         for role, (guidance, _) in ROLES.items():

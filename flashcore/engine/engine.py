@@ -69,7 +69,9 @@ class Engine:
         noise_correction, clip: as in ``flashcore.sampler.sample``.
         dtype: float32, or bfloat16 to run the network under autocast.
         compile: torch.compile the step (or the whole sampler, ``graph="sampler"``).
-        freeze: inductor freezing; "auto" turns it on for bfloat16 only.
+        freeze: inductor freezing; "auto" turns it on for bfloat16 only. Frozen
+            graphs keep the weights of their first call: build a new Engine
+            after changing the model's weights (e.g. between training rounds).
         buckets: batch sizes to pad up to; default ``BUCKETS`` when compiled,
             none in eager mode (where padding buys nothing).
         graph: "step" compiles one step, reused at every grid position (the
