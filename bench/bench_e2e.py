@@ -111,7 +111,7 @@ def run(quick: bool = False, providers=None, log=None) -> list[dict]:
 
 
 def _ratio_notes(rows, p50, roles) -> None:
-    """Student rows note how much faster they are than the teacher on the same provider."""
+    """Student rows note the teacher's latency over theirs (same provider, batch, dtype)."""
     student, teacher = list(roles)
     for r in rows:
         if r["name"] != student:
@@ -120,7 +120,7 @@ def _ratio_notes(rows, p50, roles) -> None:
                int(r["shape"].split("x")[0]), r["dtype"])
         t = next((v for (ro, pr, b, dt), v in p50.items() if (ro, pr, b, B.dtype_name(dt)) == key), None)
         if t:
-            r["note"] = f"{t / r['p50_ms']:.1f}x faster than the teacher ({t:.0f} ms)"
+            r["note"] = f"teacher / student latency {t / r['p50_ms']:.1f}x (teacher {t:.0f} ms)"
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ QUICK = ModelConfig(arch="dit", sample_size=16, channels=4, num_classes=10, patc
 ROLES = {"student_step": (1.0, 3), "teacher_step": (4.0, 50)}      # guidance, grid steps
 NOTES = ("random weights (latency does not depend on them); step 0 of the grid (t = 999, noise correction on)",
          "value: ms per step call; p50 over repeats after warm-up; compile/export rows in seconds",
-         "bf16: the network under CPU autocast, the state and update in fp32")
+         "bf16: the network under CPU autocast, the state and update in fp32",
+         "--quick runs a 2-layer DiT on a 16x16x4 latent instead (a smoke run, not DiT-S/2)")
 
 
 def build_models(cfg: ModelConfig):
