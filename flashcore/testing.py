@@ -89,25 +89,26 @@ def to64(x):
 
 
 def error_bound(ref_lowp: torch.Tensor, oracle: torch.Tensor, out_dtype: torch.dtype,
-                atol_ulps: float | None = None) -> float:
-    """2 x (reference's error in its own precision) + atol, the largest error allowed."""
+                atol_ulps: float | None = None, factor: float = 2.0) -> float:
+    """factor (2) x (reference's error in its own precision) + atol, the largest error allowed."""
     oracle = oracle.detach().to(torch.float64)
     base = (ref_lowp.detach().to(torch.float64) - oracle).abs().max().item() if oracle.numel() else 0.0
     scale = oracle.abs().max().item() if oracle.numel() else 0.0
     ulps = ATOL_ULPS[out_dtype] if atol_ulps is None else atol_ulps
-    return 2.0 * base + ulps * torch.finfo(out_dtype).eps * max(scale, 1e-30)
+    return factor * base + ulps * torch.finfo(out_dtype).eps * max(scale, 1e-30)
 
 
 def assert_close_to_oracle(out: torch.Tensor, ref_lowp: torch.Tensor, oracle: torch.Tensor, *,
-                           name: str = "output", atol_ulps: float | None = None) -> None:
-    """The error rule: ``max|out - oracle| <= 2 max|ref_lowp - oracle| + atol``."""
+                           name: str = "output", atol_ulps: float | None = None,
+                           factor: float = 2.0) -> None:
+    """The error rule: ``max|out - oracle| <= factor max|ref_lowp - oracle| + atol`` (factor 2)."""
     assert out.shape == oracle.shape, f"{name}: shape {tuple(out.shape)} != {tuple(oracle.shape)}"
     assert out.dtype == ref_lowp.dtype, f"{name}: dtype {out.dtype} != reference's {ref_lowp.dtype}"
-    bound = error_bound(ref_lowp, oracle, out.dtype, atol_ulps)
+    bound = error_bound(ref_lowp, oracle, out.dtype, atol_ulps, factor)
     err = (out.detach().to(torch.float64) - oracle.detach().to(torch.float64)).abs().max().item() \
         if out.numel() else 0.0
     assert err <= bound, f"{name}: error {err:.3g} against the float64 oracle exceeds {bound:.3g} " \
-                         f"(2 x the reference's own error in {ref_lowp.dtype} + atol)"
+                         f"({factor:g} x the reference's own error in {ref_lowp.dtype} + atol)"
 
 
 def make_noncontiguous(t: torch.Tensor) -> torch.Tensor:
