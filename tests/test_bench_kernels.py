@@ -5,11 +5,11 @@ stays fast and only checks that every provider runs and agrees. For numbers,
 on a quiet machine:
 
     FLASHCORE_BENCH_FULL=1 python -m pytest tests/test_bench_kernels.py --benchmark-only \
-        --benchmark-group-by=param:case --benchmark-columns=median,iqr,min,rounds
+        --benchmark-columns=median,iqr,min,rounds
 
 which uses bench/'s sizes (the models' latents, a >= 64 MB element-wise size,
 DiT-S/2 attention at 256 and 1024 tokens), adds torch.compile of the
-reference, and lets pytest-benchmark calibrate the rounds.
+reference, and lets pytest-benchmark calibrate the rounds (grouped per op, shape and dtype).
 """
 import os
 
