@@ -21,10 +21,10 @@ from flashcore.ops import srl_loss, srl_loss_ref, srl_renoise, srl_renoise_ref
 NAME = "srl_loss"
 TITLE = "SRL loss + gradient and re-noising (CPU)"
 LATENTS = [(1, 4, 32, 32), (8, 4, 32, 32), (128, 1, 28, 28)]
-BIG = (128, 4, 128, 128)        # 8.4 M elements: 134 MB of traffic in fp32, 67 MB in bf16 (srl_loss)
 A_T, S_T = 0.55, 0.83
 OPS = {"srl_loss": (3, 1), "srl_renoise": (2, 1)}   # tensors read, written
-NOTES = ("value: GB/s (bytes read + written) at the large size, microseconds per call at the latent sizes",
+NOTES = ("value: GB/s (bytes read + written) at the large size (24 MiB a tensor, under glibc's 32 MiB mmap "
+         "threshold: see flashcore.benchmarking.bandwidth_shape), microseconds per call at the latent sizes",
          "copy: torch copy_ into a preallocated buffer (256 MB; 16 MB with --quick), measured in the same run",
          "srl_loss is timed forward only: its fused kernel writes the gradient in the same pass")
 
@@ -53,11 +53,12 @@ def _providers(op: str, xs) -> dict:
 def run(quick: bool = False, providers=None, log=None) -> list[dict]:
     bw, bw_t = B.copy_bandwidth(16 << 20 if quick else 256 << 20)
     rows = [B.make_row("copy", "torch.copy_", "16MB" if quick else "256MB", "fp32", bw_t, "GB/s", bw)]
-    shapes = [LATENTS[0], (16, 4, 64, 64)] if quick else LATENTS + [BIG]
     dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
     timing = dict(warmup=1, repeats=3, min_sample_ms=0.2) if quick else dict(warmup=3, repeats=25)
     for op, (n_in, n_out) in OPS.items():
         for dtype in dtypes:
+            # the GB/s size last: 24 MiB a tensor (B.bandwidth_shape), srl_loss 101 MB, srl_renoise 75 MB
+            shapes = [LATENTS[0], (16, 4, 64, 64)] if quick else LATENTS + [B.bandwidth_shape(dtype)]
             for shape in shapes:
                 g = torch.Generator().manual_seed(0)
                 xs = [torch.randn(shape, generator=g).to(dtype) for _ in range(n_in)]

@@ -276,6 +276,19 @@ def publish(name: str, title: str, rows: list[dict], out_dir: str | Path = RESUL
     plot(out_dir / f"{name}.png", title, rows)
 
 
+def bandwidth_shape(dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """A latent-like (B, 4, 128, 128) shape of 24 MiB per tensor, for GB/s rows.
+
+    Three to six such tensors move >= 64 MB, and each stays under glibc's
+    largest mmap threshold (32 MiB). Above it every fresh output of an op is
+    mmapped and page-faulted on every call, which times the allocator rather
+    than the kernel (measured here: the same fused sampler update ran at 7 GB/s
+    with 33 MB fp32 tensors and at 41 GB/s with 17 MB bf16 ones).
+    """
+    per = 4 * 128 * 128 * torch.empty((), dtype=dtype).element_size()
+    return ((24 << 20) // per, 4, 128, 128)
+
+
 # --------------------------------------------------------------- providers --
 
 def flashcore_backends(op: str, *args) -> list[str]:
