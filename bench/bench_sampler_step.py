@@ -28,7 +28,7 @@ VARIANTS = {   # name -> (uses eps_u and x_T, tensors read, tensors written)
     "sampler_step": (True, 4, 2),
     "sampler_step.student": (False, 2, 2),
 }
-NOTES = ("value: GB/s (bytes read + written) at the large size (24 MiB a tensor, under glibc's 32 MiB mmap "
+NOTES = ("value: GB/s (bytes read + written) at the large size (16 MiB a tensor, under glibc's 32 MiB mmap "
          "threshold: see flashcore.benchmarking.bandwidth_shape), microseconds per call at the latent sizes",
          "copy: torch copy_ into a preallocated buffer (256 MB; 16 MB with --quick), measured in the same run")
 
@@ -67,7 +67,7 @@ def run(quick: bool = False, providers=None, log=None) -> list[dict]:
     for name in variants:
         teacher, n_in, n_out = VARIANTS[name]
         for dtype in dtypes:
-            # the GB/s size last: 24 MiB a tensor (B.bandwidth_shape), teacher variant 151 MB, student 101 MB
+            # the GB/s size last: 16 MiB a tensor (B.bandwidth_shape): teacher variant 101 MB, student 67 MB
             shapes = [LATENTS[0], (16, 4, 64, 64)] if quick else LATENTS + [B.bandwidth_shape(dtype)]
             for shape in shapes:
                 xs = _inputs(shape, dtype, teacher)

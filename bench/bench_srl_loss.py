@@ -23,7 +23,7 @@ TITLE = "SRL loss + gradient and re-noising (CPU)"
 LATENTS = [(1, 4, 32, 32), (8, 4, 32, 32), (128, 1, 28, 28)]
 A_T, S_T = 0.55, 0.83
 OPS = {"srl_loss": (3, 1), "srl_renoise": (2, 1)}   # tensors read, written
-NOTES = ("value: GB/s (bytes read + written) at the large size (24 MiB a tensor, under glibc's 32 MiB mmap "
+NOTES = ("value: GB/s (bytes read + written) at the large size (16 MiB a tensor, under glibc's 32 MiB mmap "
          "threshold: see flashcore.benchmarking.bandwidth_shape), microseconds per call at the latent sizes",
          "copy: torch copy_ into a preallocated buffer (256 MB; 16 MB with --quick), measured in the same run",
          "srl_loss is timed forward only: its fused kernel writes the gradient in the same pass")
@@ -57,7 +57,7 @@ def run(quick: bool = False, providers=None, log=None) -> list[dict]:
     timing = dict(warmup=1, repeats=3, min_sample_ms=0.2) if quick else dict(warmup=3, repeats=25)
     for op, (n_in, n_out) in OPS.items():
         for dtype in dtypes:
-            # the GB/s size last: 24 MiB a tensor (B.bandwidth_shape), srl_loss 101 MB, srl_renoise 75 MB
+            # the GB/s size last: 16 MiB a tensor (B.bandwidth_shape): srl_loss 67 MB, srl_renoise 50 MB
             shapes = [LATENTS[0], (16, 4, 64, 64)] if quick else LATENTS + [B.bandwidth_shape(dtype)]
             for shape in shapes:
                 g = torch.Generator().manual_seed(0)

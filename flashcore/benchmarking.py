@@ -277,16 +277,18 @@ def publish(name: str, title: str, rows: list[dict], out_dir: str | Path = RESUL
 
 
 def bandwidth_shape(dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """A latent-like (B, 4, 128, 128) shape of 24 MiB per tensor, for GB/s rows.
+    """A latent-like (B, 4, 128, 128) shape of 16 MiB per tensor, for GB/s rows.
 
-    Three to six such tensors move >= 64 MB, and each stays under glibc's
-    largest mmap threshold (32 MiB). Above it every fresh output of an op is
-    mmapped and page-faulted on every call, which times the allocator rather
-    than the kernel (measured here: the same fused sampler update ran at 7 GB/s
-    with 33 MB fp32 tensors and at 41 GB/s with 17 MB bf16 ones).
+    Four to six such tensors move >= 64 MB (three, for srl_renoise, 50 MB), and
+    each stays well under glibc's largest mmap threshold (32 MiB). Above it
+    every fresh output of an op is mmapped and page-faulted on every call,
+    which times the allocator rather than the kernel (measured here: the same
+    fused sampler update at 7 GB/s with 33 MB fp32 tensors, 41 GB/s with 17 MB
+    bf16 ones; a fresh ``a + b`` at 1.3 GB/s with 32 MiB tensors, 33 GB/s
+    with 16 or 24 MiB).
     """
     per = 4 * 128 * 128 * torch.empty((), dtype=dtype).element_size()
-    return ((24 << 20) // per, 4, 128, 128)
+    return ((16 << 20) // per, 4, 128, 128)
 
 
 # --------------------------------------------------------------- providers --
