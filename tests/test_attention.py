@@ -177,8 +177,9 @@ def test_native_checks_raise_not_crash():
 
 # Triton only (appended by the GPU-kernel work): the SMALL shapes fit in one 16x16 tile of
 # the interpreter's config; these take several query and key tiles (online softmax across
-# tiles, ragged tails), head dims padded 80 -> 128 and 24 -> 32, and Dv != D.
-TRITON_TILED = [(1, 2, 37, 45, 80, 80), (2, 1, 20, 33, 24, 40)]
+# tiles, ragged tails), head dims padded 80 -> 128 and 24 -> 32, head dim 64 at odd
+# lengths, and Dv != D.
+TRITON_TILED = [(1, 2, 37, 45, 80, 80), (2, 1, 20, 33, 24, 40), (1, 1, 19, 23, 64, 64)]
 
 
 @pytest.mark.skipif("triton" not in testing.cpu_backends(OP), reason="the triton row runs here only interpreted")
