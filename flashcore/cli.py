@@ -26,6 +26,16 @@ def _positive(v: str) -> int:
     return n
 
 
+def _add_engine_flags(p):
+    p.add_argument("--compile", action="store_true", help="torch.compile the sampler step (compile time counts)")
+    p.add_argument("--bf16", action="store_true", help="run the network in bfloat16 autocast")
+
+
+def _engine_kwargs(a) -> dict:
+    import torch
+    return {"compile": a.compile, "dtype": torch.bfloat16 if a.bf16 else torch.float32}
+
+
 def _add_train_teacher(sub):
     p = sub.add_parser("train-teacher", help="train a class-conditional diffusion teacher")
     p.add_argument("--out", required=True, help="run directory (checkpoints, samples, loss log)")
@@ -96,6 +106,7 @@ def _add_eval(sub):
     p.add_argument("--no-noise-correction", action="store_true")
     p.add_argument("--clip", type=float, default=0.0, help="clamp x0 to [-clip, clip] (0: off)")
     p.add_argument("--json", default=None, help="write the result as JSON here")
+    _add_engine_flags(p)
     return p
 
 
@@ -103,7 +114,7 @@ def cmd_eval(a) -> int:
     from flashcore.checkpoint import write_json
     from flashcore.evaluate import evaluate
     r = evaluate(a.model, a.classifier, steps=a.steps, guidance=a.cfg, samples=a.samples, seed=a.seed,
-                 noise_correction=not a.no_noise_correction, clip=a.clip)
+                 noise_correction=not a.no_noise_correction, clip=a.clip, **_engine_kwargs(a))
     if a.json:
         write_json(a.json, r)
     print(json.dumps(r, indent=2))
@@ -119,6 +130,7 @@ def _add_generate(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-noise-correction", action="store_true")
     p.add_argument("--out", default="out/samples.png")
+    _add_engine_flags(p)
     return p
 
 
@@ -132,7 +144,7 @@ def cmd_generate(a) -> int:
     guidance = a.cfg if a.cfg is not None else float(meta.get("guidance") or 1.0)
     labels = torch.arange(model.cfg.num_classes).repeat_interleave(a.per_class)
     x, secs = generate(model, meta, labels, steps=a.steps, guidance=guidance,
-                       noise_correction=not a.no_noise_correction, seed=a.seed)
+                       noise_correction=not a.no_noise_correction, seed=a.seed, **_engine_kwargs(a))
     save_png(grid(x, nrow=a.per_class), a.out, scale=2)
     print(f"{len(labels)} images, {a.steps} steps, cfg {guidance}: {secs:.2f} s "
           f"({1000 * secs / len(labels):.1f} ms/image) -> {a.out}")
@@ -147,7 +159,7 @@ def _add_demo(sub):
 
 def cmd_demo(a) -> int:
     return cmd_generate(argparse.Namespace(model=DEFAULT_TEACHER, steps=50, cfg=None, per_class=8, seed=0,
-                                           no_noise_correction=False, out=a.out))
+                                           no_noise_correction=False, out=a.out, compile=False, bf16=False))
 
 
 def _add_distill(sub):

@@ -49,7 +49,7 @@ def generate(model, meta: dict, labels: torch.Tensor, *, steps: int, guidance: f
 
 def evaluate(model_dir: str, classifier_dir: str, *, steps: int, guidance: float | None = None,
              samples: int = 1000, seed: int = 0, noise_correction: bool = True,
-             clip: float = 0.0) -> dict:
+             clip: float = 0.0, compile: bool = False, dtype: torch.dtype = torch.float32) -> dict:
     model, meta = load_pretrained(model_dir)
     clf, cmeta = load_classifier(classifier_dir)
     if cmeta["data"] != meta.get("data"):
@@ -61,7 +61,8 @@ def evaluate(model_dir: str, classifier_dir: str, *, steps: int, guidance: float
     k = model.cfg.num_classes
     labels = torch.arange(samples) % k
     x, secs = generate(model, meta, labels, steps=steps, guidance=guidance,
-                       noise_correction=noise_correction, clip=clip, seed=seed)
+                       noise_correction=noise_correction, clip=clip, seed=seed, compile=compile,
+                       dtype=dtype)
     f_gen, logits = features_and_logits(clf, x)
     x_ev, _ = fdata.split(ds, "eval")
     x_tr, _ = fdata.split(ds, "train")
@@ -77,4 +78,5 @@ def evaluate(model_dir: str, classifier_dir: str, *, steps: int, guidance: float
         "accuracy": float((logits.argmax(1) == labels).float().mean()),
         "blank_share": blank, "washed_share": washed,
         "seconds": secs, "ms_per_image": 1000 * secs / samples,
+        "compile": compile, "dtype": str(dtype).replace("torch.", ""),
     }

@@ -90,3 +90,15 @@ def test_cli_run_errors_exit_1(tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
     assert cli.main(["train-teacher", "--out", str(tmp_path / "r"), "--data", "imagenet"]) == 1
     assert "unknown data set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [[], ["--bf16"]])
+def test_cli_generate_writes_a_grid(tmp_path, flags, capsys):
+    from flashcore.models import Denoiser, save_pretrained
+    torch.manual_seed(0)
+    save_pretrained(Denoiser(TINY_UNET), str(tmp_path / "t"), {"kind": "teacher", "guidance": 2.0,
+                                                              "data": "digits", "schedule": {}})
+    out = tmp_path / "g.png"
+    assert cli.main(["generate", "--model", str(tmp_path / "t"), "--steps", "2", "--per-class", "1",
+                     "--out", str(out)] + flags) == 0
+    assert out.exists() and "10 images, 2 steps, cfg 2.0" in capsys.readouterr().out
