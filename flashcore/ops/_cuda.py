@@ -53,26 +53,6 @@ def _attention_ok(q, k, v) -> str | None:
     return why
 
 
-def _sup_attention(q, k, v, scale):
-    return _attention_ok(q, k, v)
-
-
-def _sup_attention_bwd(dout, q, k, v, out, lse, scale):
-    return _attention_ok(q, k, v) or _check(dout, out)
-
-
-def _sup_step(x_t, eps_c, eps_u, x_T, *scalars):
-    return _check(x_t, eps_c, eps_u, x_T)
-
-
-def _sup_loss(x_t, eps_s, x0_target, a_t, s_t):
-    return _check(x_t, eps_s, x0_target)
-
-
-def _sup_renoise(x0, noise, a, s):
-    return _check(x0, noise)
-
-
 def _attention(q, k, v, scale):
     return torch.ops.flashcore_C.attention_fwd(q, k, v, scale)
 
@@ -94,9 +74,7 @@ def _srl_renoise(x0, noise, a, s):
     return torch.ops.flashcore_C.srl_renoise(x0, noise, a, s)
 
 
-for _op, _impl, _sup in (("attention", _attention, _sup_attention),
-                         ("attention_bwd", _attention_bwd, _sup_attention_bwd),
-                         ("sampler_step", _sampler_step, _sup_step),
-                         ("srl_loss", _srl_loss, _sup_loss),
-                         ("srl_renoise", _srl_renoise, _sup_renoise)):
-    _dispatch.register(_op, "cuda", _impl, available=_available, supports=_sup)
+_dispatch.register_device_rows(
+    "cuda", {"attention": _attention, "attention_bwd": _attention_bwd, "sampler_step": _sampler_step,
+              "srl_loss": _srl_loss, "srl_renoise": _srl_renoise},
+    available=_available, tensors=_check, attention=_attention_ok, elementwise=_check)

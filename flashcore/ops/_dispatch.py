@@ -40,6 +40,24 @@ def register(op: str, backend: str, impl: Callable, *, available: Callable[[], b
     _TABLES.setdefault(op, {})[backend] = Row(impl, available, supports)
 
 
+def register_device_rows(backend: str, impls: dict[str, Callable], *, available: Callable[[], bool],
+                         tensors: Callable[..., str | None], attention: Callable[..., str | None],
+                         elementwise: Callable[..., str | None]) -> None:
+    """Rows for a backend whose acceptance reduces to three checks, each returning a
+    reason or None: ``tensors(*ts)`` on any tensors, ``attention(q, k, v)`` on the
+    attention inputs and ``elementwise(*ts)`` on the inputs of an element-wise op.
+    The per-op ``supports`` signatures are built here once for every such backend."""
+    supports = {
+        "attention": lambda q, k, v, scale: attention(q, k, v),
+        "attention_bwd": lambda dout, q, k, v, out, lse, scale: attention(q, k, v) or tensors(dout, out),
+        "sampler_step": lambda x_t, eps_c, eps_u, x_T, *scalars: elementwise(x_t, eps_c, eps_u, x_T),
+        "srl_loss": lambda x_t, eps_s, x0_target, a_t, s_t: elementwise(x_t, eps_s, x0_target),
+        "srl_renoise": lambda x0, noise, a, s: elementwise(x0, noise),
+    }
+    for op, impl in impls.items():
+        register(op, backend, impl, available=available, supports=supports[op])
+
+
 def table(op: str) -> dict[str, Row]:
     return _TABLES[op]
 

@@ -77,26 +77,6 @@ def _attention_ok(q, k, v) -> str | None:
     return why
 
 
-def _sup_attention(q, k, v, scale):
-    return _attention_ok(q, k, v)
-
-
-def _sup_attention_bwd(dout, q, k, v, out, lse, scale):
-    return _attention_ok(q, k, v) or _common(dout, out)
-
-
-def _sup_step(x_t, eps_c, eps_u, x_T, *scalars):
-    return _elementwise(x_t, eps_c, eps_u, x_T)
-
-
-def _sup_loss(x_t, eps_s, x0_target, a_t, s_t):
-    return _elementwise(x_t, eps_s, x0_target)
-
-
-def _sup_renoise(x0, noise, a, s):
-    return _elementwise(x0, noise)
-
-
 def _attention(q, k, v, scale):
     return _kernels().attention_fwd(q, k, v, scale)
 
@@ -117,9 +97,7 @@ def _srl_renoise(*args):
     return _kernels().srl_renoise_fwd(*args)
 
 
-for _op, _impl, _sup in (("attention", _attention, _sup_attention),
-                         ("attention_bwd", _attention_bwd, _sup_attention_bwd),
-                         ("sampler_step", _sampler_step, _sup_step),
-                         ("srl_loss", _srl_loss, _sup_loss),
-                         ("srl_renoise", _srl_renoise, _sup_renoise)):
-    _dispatch.register(_op, "triton", _impl, available=_available, supports=_sup)
+_dispatch.register_device_rows(
+    "triton", {"attention": _attention, "attention_bwd": _attention_bwd, "sampler_step": _sampler_step,
+              "srl_loss": _srl_loss, "srl_renoise": _srl_renoise},
+    available=_available, tensors=_common, attention=_attention_ok, elementwise=_elementwise)
