@@ -177,6 +177,10 @@ def _add_distill(sub):
     p.add_argument("--lambda-adv", type=float, default=None)
     p.add_argument("--fwd-share", type=float, default=None, help="DDIL: share of forward-noised batches")
     p.add_argument("--checkpoint-every", type=_positive, default=None)
+    p.add_argument("--val-every", type=int, default=None,
+                   help="validation FD every N iterations; student/ is the best (0: off, student/ is the last)")
+    p.add_argument("--val-samples", type=_positive, default=None)
+    p.add_argument("--classifier", default=None, help="feature network for the validation FD")
     p.add_argument("--seed", type=int, default=None)
     for flag in ("backward", "srl", "noise-correction", "adversarial"):
         p.add_argument(f"--no-{flag}", action="store_true", help=f"ablation: without {flag.replace('-', ' ')}")
@@ -190,7 +194,8 @@ def cmd_distill(a) -> int:
     from flashcore.train.distill import DistillConfig, distill
     over = {"iters": a.iters, "batch_size": a.batch_size, "lr": a.lr, "gamma_ratio": a.gamma,
             "gamma_jitter": a.jitter, "teacher_steps": a.k, "guidance": a.cfg, "lambda_adv": a.lambda_adv,
-            "fwd_share": a.fwd_share, "checkpoint_every": a.checkpoint_every, "seed": a.seed}
+            "fwd_share": a.fwd_share, "checkpoint_every": a.checkpoint_every, "seed": a.seed,
+            "val_every": a.val_every, "val_samples": a.val_samples, "classifier": a.classifier}
     cfg = DistillConfig(teacher=a.teacher, steps=a.steps, backward=not a.no_backward, srl=not a.no_srl,
                         noise_correction=not a.no_noise_correction, adversarial=not a.no_adversarial)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})

@@ -110,11 +110,15 @@ def saved_config(run_dir: str) -> dict:
     return ck.read_json(os.path.join(run_dir, "state", "state.json"))["config"]
 
 
-class LossLog:
-    """loss.csv that stays consistent with the checkpoint after a resume."""
+def saved_extra(run_dir: str) -> dict:
+    return ck.read_json(os.path.join(run_dir, "state", "state.json")).get("extra") or {}
 
-    def __init__(self, run_dir: str, resume_step: int | None):
-        self.path = os.path.join(run_dir, "loss.csv")
+
+class LossLog:
+    """A CSV log (loss.csv by default) that stays consistent with the checkpoint after a resume."""
+
+    def __init__(self, run_dir: str, resume_step: int | None, name: str = "loss.csv"):
+        self.path = os.path.join(run_dir, name)
         rows = []
         if resume_step is not None and os.path.exists(self.path):
             with open(self.path) as f:
@@ -123,6 +127,13 @@ class LossLog:
         with open(self.path, "w") as f:
             f.write("\n".join([self.header] + rows) + "\n")
         self.t0 = time.time()
+
+    def rows(self) -> list[dict]:
+        """The logged rows as dicts (header names -> floats)."""
+        with open(self.path) as f:
+            lines = f.read().splitlines()
+        names = lines[0].split(",")
+        return [dict(zip(names, map(float, r.split(",")))) for r in lines[1:] if r]
 
     def set_header(self, names: list[str]) -> None:
         self.header = ",".join(["step"] + names + ["seconds"])

@@ -14,6 +14,17 @@ One iteration:
     6. L = w_i mean((x0_T - x0_S)^2) + lambda_adv L_G(D(noised x0_S))   (SRL: flashcore.ops.srl_loss)
     7. D step on real against x0_S, both noised to a random time (train/discriminator.py)
 
+More than one process (``torchrun --nproc_per_node=N -m flashcore.cli distill ...``):
+each rank takes batch_size / N samples of the same global batch; the
+batch-level draws (grid index i, forward-or-backward, tau jitter) come from a
+generator all ranks share, per-sample draws from one per rank;
+DistributedDataParallel averages the student's gradients (the discriminator's
+are averaged by hand: it is called twice before its backward, which DDP does
+not allow), so every update is the gradient of the global batch's mean loss,
+as in one process. Rank 0 alone logs, validates and writes checkpoints; the
+per-rank generator states go into the checkpoint, so a resume with the same N
+is exact. Backend gloo on CPU, NCCL on GPU.
+
 Optionally (DDIL, Garrepalli et al., arXiv 2410.11971) a share ``fwd_share``
 of batches takes forward-noised real states in step 2, and ``clip`` clamps
 x0 estimates to the data range in rollouts and targets.
@@ -25,6 +36,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as tdist
 
 from flashcore import data as fdata
 from flashcore.images import grid as image_grid
@@ -62,6 +74,9 @@ class DistillConfig:
     step_weights: tuple = ()          # per grid step loss weights; () = all 1
     clip: float = 0.0                 # DDIL reflection: clamp x0 to [-clip, clip]
     checkpoint_every: int = 250
+    val_every: int = 100              # validation FD every N iterations (0: off); `student` = the best one
+    val_samples: int = 500
+    classifier: str = "checkpoints/mnist-classifier"
     seed: int = 0
     bf16: bool = True
     sample_every_checkpoint: bool = True
@@ -76,6 +91,8 @@ class DistillConfig:
         if self.step_weights and len(self.step_weights) != self.steps:
             raise ValueError(f"distill: step_weights needs {self.steps} values, got {len(self.step_weights)}")
         self.step_weights = tuple(self.step_weights)
+        if self.val_every < 0 or (self.val_every and self.val_samples < 20):
+            raise ValueError("distill: val_every must be >= 0 and val_samples >= 20")
 
 
 def teacher_grid(tau: int, k: int) -> list[int]:
@@ -97,8 +114,11 @@ def rollout(student: Denoiser, sched: NoiseSchedule, grid: list[int], i: int, x_
 class Distiller:
     """Holds the models and does one iteration; ``distill`` drives it."""
 
-    def __init__(self, cfg: DistillConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: DistillConfig, rank: int = 0, world: int = 1):
+        if cfg.batch_size % world:
+            raise ValueError(f"distill: batch size {cfg.batch_size} does not split over {world} processes")
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.local_batch = cfg.batch_size // world
         teacher, meta = load_pretrained(cfg.teacher, kinds=("teacher",))
         self.meta = meta
         self.teacher = teacher.eval().requires_grad_(False)
@@ -115,7 +135,13 @@ class Distiller:
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.disc = Discriminator(mc.channels, mc.num_classes)
         self.d_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.d_lr, betas=(0.5, 0.999))
-        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 7919 * rank)    # per-sample draws
+        # batch-level draws, the same on every rank (one process: the same generator)
+        self.shared = self.gen if world == 1 else torch.Generator().manual_seed(cfg.seed + 104729)
+        self.student_fwd = self.student
+        if tdist.is_available() and tdist.is_initialized() and world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.student_fwd = DistributedDataParallel(self.student)
         self._real = None
         if not cfg.backward or cfg.adversarial or cfg.fwd_share > 0:
             # real images serve the discriminator and forward distillation only
@@ -129,6 +155,14 @@ class Distiller:
     def optimizers(self):
         return {"opt": self.opt, "d_opt": self.d_opt}
 
+    def generators(self, rank: int | None = None) -> dict:
+        """Checkpoint names of this rank's generators (``rank``: name them as that rank's)."""
+        r = self.rank if rank is None else rank
+        g = {"data" if r == 0 else f"data_rank{r}": self.gen}
+        if self.world > 1:
+            g["shared"] = self.shared
+        return g
+
     def _randint(self, lo: int, hi: int, n: int = 1) -> torch.Tensor:
         return torch.randint(lo, hi, (n,), generator=self.gen)
 
@@ -139,9 +173,9 @@ class Distiller:
     def student_state(self, b: int):
         """(x_t, t, labels, i, used_real) for one batch: steps 1-2."""
         cfg, sched = self.cfg, self.sched
-        i = int(self._randint(0, cfg.steps))
+        i = int(torch.randint(0, cfg.steps, (1,), generator=self.shared))
         t = self.grid[i]
-        forward = (not cfg.backward) or (cfg.fwd_share > 0 and float(torch.rand(1, generator=self.gen)) < cfg.fwd_share)
+        forward = (not cfg.backward) or (cfg.fwd_share > 0 and float(torch.rand(1, generator=self.shared)) < cfg.fwd_share)
         if forward:
             x0, labels = self._real_batch(b)
             eps = torch.randn(x0.shape, generator=self.gen)
@@ -161,7 +195,7 @@ class Distiller:
         if cfg.srl:
             tau = round(cfg.gamma_ratio * t)
             if cfg.gamma_jitter:
-                tau += int(self._randint(-cfg.gamma_jitter, cfg.gamma_jitter + 1))
+                tau += int(torch.randint(-cfg.gamma_jitter, cfg.gamma_jitter + 1, (1,), generator=self.shared))
             tau = min(max(tau, 1), sched.T)
             a, s = sched.alpha_sigma(tau)
             chi = srl_renoise(x0_s, torch.randn(x0_s.shape, generator=self.gen), a=a, s=s)
@@ -171,54 +205,112 @@ class Distiller:
                       guidance=self.guidance, noise_correction=False, clip=cfg.clip, x_T=chi,
                       grid=teacher_grid(tau, cfg.teacher_steps))
 
-    def iteration(self, it: int = 0) -> dict:
+    def losses(self, it: int = 0) -> dict:
+        """Steps 1-6 on this rank's share of the batch: the student's loss (with its
+        graph) and what the discriminator step needs."""
         cfg, sched = self.cfg, self.sched
-        b = cfg.batch_size
+        b = self.local_batch
         x_t, t, labels, i, _ = self.student_state(b)                               # (B, C, H, W)
         a_t, s_t = sched.alpha_sigma(t)
         tt = torch.full((b,), t, dtype=torch.long)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            eps_s = self.student(x_t, tt, labels)
+            eps_s = self.student_fwd(x_t, tt, labels)
         eps_s = eps_s.float()
         x0_s = (x_t - s_t * eps_s) / a_t                                            # 3. with grad
         x0_t = self.target(x_t, x0_s.detach(), t, labels)                           # 4-5.
         w = cfg.step_weights[i] if cfg.step_weights else 1.0
         l_srl = srl_loss(x_t, eps_s, x0_t, a_t=a_t, s_t=s_t)                       # 6.
         loss = w * l_srl
-        out = {"srl": float(l_srl.detach()), "adv": 0.0, "d": 0.0, "i": i}
+        out = {"loss": loss, "srl": l_srl.detach(), "adv": torch.zeros(()), "i": i}
         if cfg.adversarial:
             real, real_lab = self._real_batch(b)
             td = self._randint(0, sched.T + 1, b)
             noise = torch.randn(real.shape, generator=self.gen)
             fake_t = sched.add_noise(x0_s, noise, td)
             l_adv = g_loss(self.disc(fake_t, td, labels))
-            loss = loss + cfg.lambda_adv * l_adv
-            out["adv"] = float(l_adv.detach())
-        common.check_finite(loss, it)
+            out["loss"] = loss + cfg.lambda_adv * l_adv
+            out["adv"] = l_adv.detach()
+            out["d_inputs"] = (sched.add_noise(real, noise, td), real_lab, fake_t.detach(), td, labels)
+        return out
+
+    def d_loss(self, d_inputs) -> torch.Tensor:
+        """Step 7's loss: real against the student's x0, both noised to the same times."""
+        real_t, real_lab, fake_t, td, labels = d_inputs
+        return d_loss(self.disc(real_t, td, real_lab), self.disc(fake_t, td, labels))
+
+    def _mean_over_ranks(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.world == 1:
+            return xs
+        flat = torch.stack([x.detach().float().reshape(()) for x in xs])
+        tdist.all_reduce(flat)
+        return list(flat / self.world)
+
+    def iteration(self, it: int = 0) -> dict:
+        cfg = self.cfg
+        r = self.losses(it)
+        common.check_finite(r["loss"], it)
         self.opt.zero_grad(set_to_none=True)
         self.disc.zero_grad(set_to_none=True)       # the student's loss must not train D
-        loss.backward()
+        r["loss"].backward()                        # DDP averages the student's gradients here
         common.check_finite(torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0), it)
         self.opt.step()
+        ld = torch.zeros(())
         if cfg.adversarial:                                                        # 7.
-            real_t = sched.add_noise(real, noise, td)
-            ld = d_loss(self.disc(real_t, td, real_lab), self.disc(fake_t.detach(), td, labels))
+            ld = self.d_loss(r["d_inputs"])
             common.check_finite(ld, it)
             self.d_opt.zero_grad(set_to_none=True)
             ld.backward()
+            if self.world > 1:
+                for p in self.disc.parameters():
+                    if p.grad is not None:
+                        tdist.all_reduce(p.grad)
+                        p.grad /= self.world
             self.d_opt.step()
-            out["d"] = float(ld.detach())
         common.ema_update(self.ema, self.student, cfg.ema_decay)
-        return out
+        srl, adv, d = self._mean_over_ranks([r["srl"], r["adv"], ld])
+        return {"srl": float(srl), "adv": float(adv), "d": float(d), "i": r["i"]}
 
 
-def export(run_dir: str, dist: Distiller, it: int, name: str = "student") -> str:
+VAL_SEED = 1       # validation noise; `flashcore eval` uses seed 0 and the eval split
+
+
+class Validator:
+    """Model selection without the eval split: FD of the EMA student's samples
+    (``val_samples``, seed ``VAL_SEED``) against the *train* split's classifier
+    features, plus accuracy and the washed-out share. The distillation loss does
+    not track quality (a collapsed student has a low loss), this does."""
+
+    def __init__(self, cfg: DistillConfig, meta: dict):
+        from flashcore.metrics import features_and_logits, load_classifier
+        self.clf, cmeta = load_classifier(cfg.classifier)
+        if cmeta["data"] != meta["data"]:
+            raise ValueError(f"distill: the validation classifier {cfg.classifier!r} was trained on "
+                             f"{cmeta['data']!r}, the teacher on {meta['data']!r}; pass a classifier for "
+                             f"that data (--classifier) or --val-every 0")
+        self.cfg, self.meta = cfg, meta
+        x_tr, _ = fdata.split(fdata.load(meta["data"]), "train")
+        self.f_ref, _ = features_and_logits(self.clf, x_tr)
+        self.labels = torch.arange(cfg.val_samples) % self.clf.cfg.num_classes
+
+    @torch.no_grad()
+    def __call__(self, model: Denoiser) -> dict:
+        from flashcore.evaluate import generate
+        from flashcore.metrics import blank_and_washed, features_and_logits, frechet_distance
+        x, _ = generate(model, self.meta, self.labels, steps=self.cfg.steps, guidance=1.0,
+                        noise_correction=self.cfg.noise_correction, clip=self.cfg.clip, seed=VAL_SEED)
+        f, logits = features_and_logits(self.clf, x)
+        return {"fd": frechet_distance(f, self.f_ref),
+                "accuracy": float((logits.argmax(1) == self.labels).float().mean()),
+                "washed": blank_and_washed(x)[1]}
+
+
+def export(run_dir: str, dist: Distiller, it: int, name: str = "student", extra: dict | None = None) -> str:
     cfg = dist.cfg
     out = os.path.join(run_dir, name)
     save_pretrained(dist.ema, out, {
         "kind": "student", "guidance": None, "data": dist.meta["data"], "steps": cfg.steps,
         "grid": dist.grid, "noise_correction": cfg.noise_correction, "schedule": dist.meta["schedule"],
-        "teacher": cfg.teacher, "train_iters": it, "distill_config": dataclasses.asdict(cfg)},
+        "teacher": cfg.teacher, "train_iters": it, "distill_config": dataclasses.asdict(cfg), **(extra or {})},
         dtype=torch.float16)
     return out
 
@@ -230,44 +322,117 @@ def sample_grid(dist: Distiller, path: str) -> None:
     save_png(image_grid(x, nrow=8), path, scale=2)
 
 
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size): joins the process group torchrun describes in the
+    environment (gloo on CPU, NCCL when CUDA is there), else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return tdist.get_rank(), tdist.get_world_size()
+
+
+def _gather_generators(dist: Distiller) -> dict:
+    """Rank 0: every rank's generators under their checkpoint names; other ranks: {}."""
+    if dist.world == 1:
+        return dist.generators()
+    states = [None] * dist.world
+    tdist.all_gather_object(states, dist.gen.get_state())
+    if dist.rank:
+        return {}
+    out = dist.generators()
+    for r in range(1, dist.world):
+        g = torch.Generator()
+        g.set_state(states[r])
+        out[f"data_rank{r}"] = g
+    return out
+
+
 def distill(cfg: DistillConfig, run_dir: str, resume: bool = False, progress: bool = True,
             max_iters_this_call: int | None = None) -> str:
-    """Distil (or resume) a student in ``run_dir``; returns the exported student directory."""
-    os.makedirs(run_dir, exist_ok=True)
+    """Distil (or resume) a student in ``run_dir``; returns the exported student directory.
+    Under torchrun every rank calls this; rank 0 writes."""
+    rank, world = init_distributed()
+    lead = rank == 0
     if not resume and common.has_state(run_dir):
         raise ValueError(f"distill: {run_dir!r} already holds a run; pass --resume or use a new --out")
     if resume:
         if not common.has_state(run_dir):
             raise ValueError(f"distill: nothing to resume in {run_dir!r}")
+        saved_world = common.saved_extra(run_dir).get("world_size", 1)
+        if saved_world != world:
+            raise ValueError(f"distill: {run_dir!r} was trained on {saved_world} process(es); resume it on "
+                             f"the same number (got {world}) to keep the run exact")
         cfg = DistillConfig(**{**common.saved_config(run_dir), "iters": cfg.iters})
-    dist = Distiller(cfg)
+    if world > 1:
+        tdist.barrier()          # every rank has checked run_dir before rank 0 writes to it
+    if lead:
+        os.makedirs(run_dir, exist_ok=True)
+    dist = Distiller(cfg, rank, world)
     it = 0
     if resume:
-        it = common.load_state(run_dir, dist.modules(), dist.optimizers(), {"data": dist.gen},
+        it = common.load_state(run_dir, dist.modules(), dist.optimizers(), dist.generators(),
                                "DistillConfig")["step"]
-    log = common.LossLog(run_dir, it if resume else None)
-    log.set_header(["srl", "adv", "d", "grid_index"])
+    log = common.LossLog(run_dir, it if resume else None) if lead else None
+    if lead:
+        log.set_header(["srl", "adv", "d", "grid_index"])
+    validator, val_log, best = None, None, float("inf")
+    if cfg.val_every and lead:
+        validator = Validator(cfg, dist.meta)
+        val_log = common.LossLog(run_dir, it if resume else None, "val.csv")
+        val_log.set_header(["fd", "accuracy", "washed"])
+        best = min([r["fd"] for r in val_log.rows()], default=float("inf"))
+
+    def validate(n: int) -> None:
+        nonlocal best
+        v = validator(dist.ema)
+        val_log.append(n, [v["fd"], v["accuracy"], v["washed"]])
+        bar.write(f"iter {n}: validation FD {v['fd']:.1f} accuracy {v['accuracy']:.3f} washed {v['washed']:.3f}"
+                  + ("  (best so far: exported to student/)" if v["fd"] < best else ""))
+        if v["fd"] < best:
+            best = v["fd"]
+            export(run_dir, dist, n, extra={"validation": {"iter": n, **v, "samples": cfg.val_samples,
+                                                           "seed": VAL_SEED, "reference": "train split"}})
 
     def checkpoint(n: int) -> None:
-        common.save_state(run_dir, n, dist.modules(), dist.optimizers(), {"data": dist.gen}, cfg)
-        export(run_dir, dist, n)
+        gens = _gather_generators(dist)          # a collective: every rank takes part
+        if not lead:
+            return
+        common.save_state(run_dir, n, dist.modules(), dist.optimizers(), gens, cfg,
+                          extra={"world_size": world})
+        export(run_dir, dist, n, "student-last" if validator else "student")
         if cfg.sample_every_checkpoint:
             sample_grid(dist, os.path.join(run_dir, "samples", f"iter_{n:06d}.png"))
 
+    def stop_now() -> bool:
+        if world == 1:
+            return stop.requested
+        flag = torch.tensor(float(stop.requested))     # a signal may reach the ranks at different steps
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        return bool(flag)
+
     stop = common.GracefulStop()
     end = cfg.iters if max_iters_this_call is None else min(cfg.iters, it + max_iters_this_call)
-    bar = common.progress(cfg.iters, it, f"distill {cfg.steps}-step", progress)
+    bar = common.progress(cfg.iters, it, f"distill {cfg.steps}-step", progress and lead)
     try:
-        while it < end and not stop.requested:
+        while it < end and not stop_now():
             r = dist.iteration(it)
             it += 1
-            log.append(it, [r["srl"], r["adv"], r["d"], r["i"]])
+            if lead:
+                log.append(it, [r["srl"], r["adv"], r["d"], r["i"]])
             bar.update(1)
             bar.set_postfix(srl=f"{r['srl']:.4f}", adv=f"{r['adv']:.3f}")
+            if validator and it % cfg.val_every == 0:
+                validate(it)
             if it % cfg.checkpoint_every == 0 and it < end:
                 checkpoint(it)
     finally:
         bar.close()
         stop.restore()
+    if validator and it % cfg.val_every and not os.path.exists(os.path.join(run_dir, "student")):
+        validate(it)
     checkpoint(it)
+    if world > 1:
+        tdist.barrier()          # the files exist for every rank when it returns
     return os.path.join(run_dir, "student")
