@@ -151,59 +151,143 @@ def cmd_generate(a) -> int:
     return 0
 
 
+DEFAULT_STUDENT = os.path.join(_ROOT, "checkpoints", "mnist-student-3step")
+
+
 def _add_demo(sub):
-    p = sub.add_parser("demo", help="the shipped teacher draws a grid of digits, timed")
+    p = sub.add_parser("demo", help="the shipped teacher at 50 CFG steps beside the distilled student at "
+                                    "1, 2 and 3 steps: one picture, the time per image of each")
+    p.add_argument("--teacher", default=DEFAULT_TEACHER)
+    p.add_argument("--student", default=DEFAULT_STUDENT)
+    p.add_argument("--teacher-steps", type=_positive, default=50)
+    p.add_argument("--per-class", type=_positive, default=2)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/demo.png")
     return p
 
 
 def cmd_demo(a) -> int:
-    return cmd_generate(argparse.Namespace(model=DEFAULT_TEACHER, steps=50, cfg=None, per_class=8, seed=0,
-                                           no_noise_correction=False, out=a.out, compile=False, bf16=False))
+    """Every row draws the same labels from the same noise, in one batch on the
+    eager float32 engine; each model makes one untimed 1-image call first so the
+    times are steady-state sampling, not first-call set-up."""
+    import torch
+
+    from flashcore.evaluate import generate
+    from flashcore.images import labelled_rows
+    from flashcore.models import load_pretrained
+    teacher, tmeta = load_pretrained(a.teacher, kinds=("teacher",))
+    student, smeta = load_pretrained(a.student, kinds=("student",))
+    if teacher.cfg != student.cfg:
+        raise ValueError(f"demo: the student {a.student!r} does not have the teacher's architecture")
+    guidance = float(tmeta.get("guidance") or 1.0)
+    labels = torch.arange(teacher.cfg.num_classes).repeat(a.per_class)
+    max_steps = int(smeta.get("steps") or 3)
+    runs = [(teacher, tmeta, a.teacher_steps, guidance, f"teacher, {a.teacher_steps} steps, CFG {guidance:g}")]
+    runs += [(student, smeta, s, 1.0, f"student, {s} step{'s' if s > 1 else ''}") for s in range(max_steps, 0, -1)]
+    rows, times = [], []
+    for model, meta, steps, g, name in runs:
+        nc = bool(meta.get("noise_correction", True))
+        generate(model, meta, labels[:1], steps=1, guidance=g, noise_correction=nc, seed=a.seed)   # warm-up
+        x, secs = generate(model, meta, labels, steps=steps, guidance=g, noise_correction=nc, seed=a.seed)
+        ms = 1000 * secs / len(labels)
+        nfe = steps * (2 if g != 1.0 else 1)
+        times.append(ms)
+        rows.append((f"{name}\n{nfe} NFE, {ms:.1f} ms/image", x))
+        print(f"{name:28s} {nfe:4d} NFE  {ms:8.1f} ms/image  ({times[0] / ms:5.1f}x the teacher's speed)",
+              flush=True)
+    labelled_rows(rows, a.out, title=f"{len(labels)} images per row, same noise and labels; eager float32, "
+                                     f"batch {len(labels)}, {torch.get_num_threads()} threads")
+    print(f"-> {a.out}")
+    return 0
 
 
-def _add_distill(sub):
-    p = sub.add_parser("distill", help="Imagine Flash: distil a teacher into a 1-4 step student")
+# distill flag -> DistillConfig field, for the value-taking flags (ablation switches come apart)
+_DISTILL_FLAGS = [("--iters", "iters", _positive), ("--batch-size", "batch_size", _positive), ("--lr", "lr", float),
+                  ("--gamma", "gamma_ratio", float), ("--jitter", "gamma_jitter", int), ("--k", "teacher_steps", _positive),
+                  ("--cfg", "guidance", float), ("--lambda-adv", "lambda_adv", float), ("--d-lr", "d_lr", float),
+                  ("--fwd-share", "fwd_share", float), ("--ema", "ema_decay", float),
+                  ("--checkpoint-every", "checkpoint_every", _positive), ("--val-every", "val_every", int),
+                  ("--val-samples", "val_samples", _positive), ("--classifier", "classifier", str),
+                  ("--seed", "seed", int)]
+_DISTILL_HELP = {"--gamma": "tau = round(gamma * t)", "--jitter": "tau jitter in timesteps",
+                 "--k": "teacher DDIM steps for the SRL target", "--cfg": "teacher guidance (default: the teacher's)",
+                 "--fwd-share": "DDIL: share of forward-noised batches", "--ema": "EMA decay of the exported student",
+                 "--val-every": "validation FD every N iterations; student/ is the best (0: off, student/ is the last)",
+                 "--classifier": "feature network for the validation FD"}
+_ABLATIONS = (("backward", "backward"), ("srl", "srl"), ("noise-correction", "noise_correction"),
+              ("adversarial", "adversarial"))
+
+
+def _distill_flags(p, ablations: bool = True):
     p.add_argument("--teacher", default=DEFAULT_TEACHER)
     p.add_argument("--steps", type=int, choices=(1, 2, 3, 4), required=True, help="student steps")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--iters", type=_positive, default=None)
-    p.add_argument("--batch-size", type=_positive, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--gamma", type=float, default=None, help="tau = round(gamma * t)")
-    p.add_argument("--jitter", type=int, default=None, help="tau jitter in timesteps")
-    p.add_argument("--k", type=_positive, default=None, help="teacher DDIM steps for the SRL target")
-    p.add_argument("--cfg", type=float, default=None, help="teacher guidance (default: the teacher's)")
-    p.add_argument("--lambda-adv", type=float, default=None)
-    p.add_argument("--fwd-share", type=float, default=None, help="DDIL: share of forward-noised batches")
-    p.add_argument("--checkpoint-every", type=_positive, default=None)
-    p.add_argument("--val-every", type=int, default=None,
-                   help="validation FD every N iterations; student/ is the best (0: off, student/ is the last)")
-    p.add_argument("--val-samples", type=_positive, default=None)
-    p.add_argument("--classifier", default=None, help="feature network for the validation FD")
-    p.add_argument("--seed", type=int, default=None)
-    for flag in ("backward", "srl", "noise-correction", "adversarial"):
-        p.add_argument(f"--no-{flag}", action="store_true", help=f"ablation: without {flag.replace('-', ' ')}")
+    for flag, _, typ in _DISTILL_FLAGS:
+        p.add_argument(flag, type=typ, default=None, help=_DISTILL_HELP.get(flag))
+    if ablations:
+        for flag, _ in _ABLATIONS:
+            p.add_argument(f"--no-{flag}", action="store_true", help=f"ablation: without {flag.replace('-', ' ')}")
+
+
+def _distill_config(a):
+    import dataclasses
+
+    from flashcore.train.distill import DistillConfig
+    cfg = DistillConfig(teacher=a.teacher, steps=a.steps, classifier=DEFAULT_CLASSIFIER,
+                        **{f: not getattr(a, "no_" + flag.replace("-", "_"), False) for flag, f in _ABLATIONS})
+    over = {field: getattr(a, flag[2:].replace("-", "_")) for flag, field, _ in _DISTILL_FLAGS}
+    return dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})
+
+
+def _distill_command_flags(cfg) -> list[str]:
+    """The distill flags that give ``cfg`` (teacher, steps, iters, seed always; the rest if not default)."""
+    from flashcore.train.distill import DistillConfig
+    default = DistillConfig(teacher=cfg.teacher, steps=cfg.steps, classifier=DEFAULT_CLASSIFIER)
+    out = ["--teacher", cfg.teacher, "--steps", str(cfg.steps)]
+    for flag, field, _ in _DISTILL_FLAGS:
+        v = getattr(cfg, field)
+        if field in ("iters", "seed") or v != getattr(default, field):
+            out += [flag, str(v)]
+    return out
+
+
+def _add_distill(sub):
+    p = sub.add_parser("distill", help="Imagine Flash: distil a teacher into a 1-4 step student "
+                                       "(under torchrun: DDP over the processes)")
+    _distill_flags(p)
     p.add_argument("--resume", action="store_true")
     return p
 
 
 def cmd_distill(a) -> int:
-    import dataclasses
-
-    from flashcore.train.distill import DistillConfig, distill
-    over = {"iters": a.iters, "batch_size": a.batch_size, "lr": a.lr, "gamma_ratio": a.gamma,
-            "gamma_jitter": a.jitter, "teacher_steps": a.k, "guidance": a.cfg, "lambda_adv": a.lambda_adv,
-            "fwd_share": a.fwd_share, "checkpoint_every": a.checkpoint_every, "seed": a.seed,
-            "val_every": a.val_every, "val_samples": a.val_samples, "classifier": a.classifier}
-    cfg = DistillConfig(teacher=a.teacher, steps=a.steps, backward=not a.no_backward, srl=not a.no_srl,
-                        noise_correction=not a.no_noise_correction, adversarial=not a.no_adversarial)
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})
+    from flashcore.train.distill import distill
+    cfg = _distill_config(a)
     if a.resume and a.iters is None:
         from flashcore.train.common import saved_config
         cfg.iters = saved_config(a.out)["iters"]
     out = distill(cfg, a.out, resume=a.resume)
     print(f"student saved to {out}")
+    return 0
+
+
+def _add_ablate(sub):
+    p = sub.add_parser("ablate", help="the full method against each ablation and forward distillation, "
+                                      "same budget and seed: a table and a picture")
+    _distill_flags(p, ablations=False)
+    p.add_argument("--samples", type=_positive, default=1000, help="samples per flashcore eval")
+    p.add_argument("--variants", default=None, help="comma list (default all): full,forward,no-srl,"
+                                                    "no-noise-correction,no-adversarial")
+    return p
+
+
+def cmd_ablate(a) -> int:
+    from flashcore.train.ablate import ablate
+    cfg = _distill_config(a)
+    res = ablate(cfg, a.out, cfg.classifier, samples=a.samples,
+                 variants=a.variants.split(",") if a.variants else None, flags_of=_distill_command_flags)
+    print(open(os.path.join(a.out, "ablation.md")).read())
+    print(f"table: {os.path.join(a.out, 'ablation.md')}, picture: {os.path.join(a.out, 'ablation.png')}, "
+          f"{len(res['rows'])} rows")
     return 0
 
 
@@ -237,6 +321,7 @@ COMMANDS = {
     "generate": (_add_generate, cmd_generate),
     "demo": (_add_demo, cmd_demo),
     "distill": (_add_distill, cmd_distill),
+    "ablate": (_add_ablate, cmd_ablate),
     "bench": (_add_bench, cmd_bench),
 }
 

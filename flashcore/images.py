@@ -33,3 +33,28 @@ def save_png(arr: np.ndarray, path: str, scale: int = 1) -> None:
     tmp = path + ".tmp.png"
     im.save(tmp)
     os.replace(tmp, path)
+
+
+def labelled_rows(rows: list[tuple[str, torch.Tensor]], path: str, title: str | None = None) -> None:
+    """One figure: a row of images per (label, (B, C, H, W) batch), the label on its left.
+    Used by ``flashcore demo`` and ``flashcore ablate`` to put models side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    strips = [grid(x, nrow=len(x), pad=1) for _, x in rows]
+    h, w = strips[0].shape[:2]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(6.0, w / 28 + 3.2), 0.35 + len(rows) * (h / 28 + 0.25)),
+                             squeeze=False)
+    for ax, (label, _), s in zip(axes[:, 0], rows, strips):
+        ax.imshow(s[..., 0] if s.shape[-1] == 1 else s, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,5 +1,6 @@
 """Imagine Flash distillation on a tiny random teacher: the contracts, not quality."""
 import dataclasses
+import json
 import os
 
 import pytest
@@ -190,3 +191,58 @@ def test_two_processes_match_the_one_process_contract(tiny_teacher, tmp_path):
 def test_batch_must_split_over_processes(tiny_teacher):
     with pytest.raises(ValueError, match="does not split"):
         Distiller(cfg_for(tiny_teacher, batch_size=5), rank=0, world=2)
+
+
+# -- validation and ablate ------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_classifier(tmp_path):
+    from flashcore.metrics import Classifier, ClassifierConfig, save_classifier
+    torch.manual_seed(0)
+    path = str(tmp_path / "clf")
+    save_classifier(Classifier(ClassifierConfig(size=16)).eval(), path, {"data": "digits"})
+    return path
+
+
+def test_validation_exports_the_best_student(tiny_teacher, tiny_classifier, tmp_path):
+    run = str(tmp_path / "run")
+    distill(cfg_for(tiny_teacher, iters=4, val_every=1, val_samples=20, classifier=tiny_classifier), run,
+            progress=False)
+    rows = [r.split(",") for r in open(os.path.join(run, "val.csv")).read().splitlines()[1:]]
+    assert [int(r[0]) for r in rows] == [1, 2, 3, 4]
+    best = min(rows, key=lambda r: float(r[1]))
+    meta = json.load(open(os.path.join(run, "student", "config.json")))
+    assert meta["validation"]["iter"] == int(best[0])
+    assert meta["validation"]["fd"] == pytest.approx(float(best[1]), rel=1e-5)
+    assert json.load(open(os.path.join(run, "student-last", "config.json")))["train_iters"] == 4
+
+
+def test_validation_refuses_a_classifier_for_other_data(tiny_teacher, tmp_path):
+    from flashcore.metrics import Classifier, ClassifierConfig, save_classifier
+    save_classifier(Classifier(ClassifierConfig(size=16)), str(tmp_path / "c"), {"data": "mnist"})
+    with pytest.raises(ValueError, match="trained on 'mnist'"):
+        distill(cfg_for(tiny_teacher, val_every=1, classifier=str(tmp_path / "c")), str(tmp_path / "r"),
+                progress=False)
+
+
+def test_ablate_writes_table_and_picture_and_does_not_retrain(tiny_teacher, tiny_classifier, tmp_path, capsys):
+    out = str(tmp_path / "abl")
+    args = ["ablate", "--teacher", tiny_teacher, "--steps", "2", "--out", out, "--iters", "2", "--batch-size", "4",
+            "--val-every", "1", "--val-samples", "20", "--classifier", tiny_classifier, "--samples", "20",
+            "--variants", "full,no-srl"]
+    assert cli.main(args) == 0
+    md = open(os.path.join(out, "ablation.md")).read()
+    res = json.load(open(os.path.join(out, "ablation.json")))
+    assert [r["name"] for r in res["rows"]] == ["full", "no-srl"]
+    for r in res["rows"]:
+        assert f"| {r['name']} |" in md and r["command"] in md
+        assert set(r["eval"]) == {"1", "2"}
+    assert "--no-srl" in res["rows"][1]["command"] and "--no-srl" not in res["rows"][0]["command"]
+    assert "teacher 50 steps" in md
+    assert os.path.getsize(os.path.join(out, "ablation.png")) > 1000
+    state = os.path.join(out, "runs", "full", "state", "state.json")
+    before = os.path.getmtime(state)
+    assert cli.main(args) == 0                       # a second call reuses the finished runs
+    assert os.path.getmtime(state) == before
+    assert cli.main(args[:-1] + ["full,nope"]) == 1
+    assert "unknown variant" in capsys.readouterr().err

@@ -268,7 +268,7 @@ class Distiller:
             self.d_opt.step()
         common.ema_update(self.ema, self.student, cfg.ema_decay)
         srl, adv, d = self._mean_over_ranks([r["srl"], r["adv"], ld])
-        return {"srl": float(srl), "adv": float(adv), "d": float(d), "i": r["i"]}
+        return {"srl": float(srl), "adv": float(adv), "d": float(d.detach()), "i": r["i"]}
 
 
 VAL_SEED = 1       # validation noise; `flashcore eval` uses seed 0 and the eval split

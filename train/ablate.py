@@ -1,0 +1,149 @@
+"""``flashcore ablate``: the full Imagine Flash recipe against each ablation and
+forward distillation, with one budget and one seed, then one table and one
+picture.
+
+Every variant is a ``flashcore distill`` run in ``OUT/runs/<variant>`` (resumed
+if an earlier ``ablate`` stopped part-way; a finished run is not trained
+again), its exported student (the validation-selected EMA, the same rule for
+every row) evaluated with ``flashcore eval`` at 1..n steps. The teacher's own
+n-step and 50-step CFG sampling are the reference rows. Results go to
+``OUT/ablation.md`` (with each row's command), ``OUT/ablation.json`` and
+``OUT/ablation.png`` (the same labels and noise in every row).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch
+
+from flashcore.checkpoint import read_json, write_json
+
+from . import common
+from .distill import DistillConfig, distill
+
+# (row name, config overrides, the distill flag that gives them)
+VARIANTS = [
+    ("full", {}, ""),
+    ("forward", {"backward": False}, "--no-backward"),
+    ("no-srl", {"srl": False}, "--no-srl"),
+    ("no-noise-correction", {"noise_correction": False}, "--no-noise-correction"),
+    ("no-adversarial", {"adversarial": False}, "--no-adversarial"),
+]
+DESCRIPTION = {
+    "full": "backward distillation + SRL + noise correction + discriminator",
+    "forward": "forward distillation: the student starts from noised real images",
+    "no-srl": "target from the student's own state x_t (tau = t), no re-noised x0",
+    "no-noise-correction": "no noise correction at t = T (training rollouts and sampling)",
+    "no-adversarial": "no discriminator term",
+}
+TEACHER_REFERENCE_STEPS = 50
+
+
+def _eval_cached(path: str, model: str, classifier: str, steps: int, samples: int, **kw) -> dict:
+    from flashcore.evaluate import evaluate
+    if os.path.exists(path):
+        r = read_json(path)
+        if r.get("samples") == samples and r.get("steps") == steps:
+            return r
+    r = evaluate(model, classifier, steps=steps, samples=samples, **kw)
+    write_json(path, r)
+    return r
+
+
+def _finished(run_dir: str, iters: int) -> bool:
+    if not common.has_state(run_dir):
+        return False
+    return read_json(os.path.join(run_dir, "state", "state.json"))["step"] >= iters
+
+
+def row_command(cfg: DistillConfig, run_dir: str, flag: str, flags_of) -> str:
+    return " ".join(["flashcore distill"] + flags_of(cfg) + ["--out", run_dir] + ([flag] if flag else []))
+
+
+def ablate(base: DistillConfig, out: str, classifier: str, *, samples: int = 1000,
+           variants: list[str] | None = None, flags_of=None, progress: bool = True) -> dict:
+    """Train and evaluate every variant; returns the results dict written to ablation.json."""
+    from flashcore.evaluate import generate
+    from flashcore.images import labelled_rows
+    from flashcore.models import load_pretrained
+    chosen = [v for v in VARIANTS if variants is None or v[0] in variants]
+    if variants is not None and len(chosen) != len(set(variants)):
+        known = ", ".join(v[0] for v in VARIANTS)
+        raise ValueError(f"ablate: unknown variant in {variants}; known: {known}")
+    n = base.steps
+    os.makedirs(out, exist_ok=True)
+    rows = []
+    for name, over, flag in chosen:
+        cfg = dataclasses.replace(base, **over)
+        run_dir = os.path.join(out, "runs", name)
+        if not _finished(run_dir, cfg.iters):
+            print(f"ablate: training {name!r} ({DESCRIPTION[name]}) in {run_dir}", flush=True)
+            distill(cfg, run_dir, resume=common.has_state(run_dir), progress=progress)
+        student = os.path.join(run_dir, "student")
+        meta = read_json(os.path.join(student, "config.json"))
+        evals = {s: _eval_cached(os.path.join(run_dir, f"eval-{s}step.json"), student, classifier, s, samples,
+                                 noise_correction=cfg.noise_correction) for s in range(1, n + 1)}
+        rows.append({"name": name, "what": DESCRIPTION[name], "run": run_dir, "model": student,
+                     "command": row_command(cfg, run_dir, flag, flags_of) if flags_of else None,
+                     "selected_iter": meta.get("validation", {}).get("iter", meta.get("train_iters")),
+                     "noise_correction": cfg.noise_correction, "eval": evals})
+    tdir = os.path.join(out, "teacher")
+    os.makedirs(tdir, exist_ok=True)
+    teacher_evals = {s: _eval_cached(os.path.join(tdir, f"eval-{s}step.json"), base.teacher, classifier, s,
+                                     samples, guidance=base.guidance)
+                     for s in list(range(1, n + 1)) + [TEACHER_REFERENCE_STEPS]}
+    result = {"steps": n, "iters": base.iters, "seed": base.seed, "samples": samples, "teacher": base.teacher,
+              "classifier": classifier, "config": dataclasses.asdict(base), "rows": rows,
+              "teacher_rows": teacher_evals}
+    write_json(os.path.join(out, "ablation.json"), result)
+    with open(os.path.join(out, "ablation.md"), "w") as f:
+        f.write(markdown(result))
+    # the picture: the same labels and noise in every row, at the student's n steps
+    labels = torch.arange(10).repeat(2)
+    pics = []
+    teacher, tmeta = load_pretrained(base.teacher)
+    tg = float(base.guidance if base.guidance is not None else tmeta.get("guidance") or 1.0)
+    for s in (TEACHER_REFERENCE_STEPS, n):
+        x, _ = generate(teacher, tmeta, labels, steps=s, guidance=tg, seed=0)
+        fd = teacher_evals[s]["fd"]
+        pics.append((f"teacher {s} steps, CFG {tg:g}\nFD {fd:.1f}", x))
+    for r in rows:
+        model, meta = load_pretrained(r["model"])
+        x, _ = generate(model, meta, labels, steps=n, guidance=1.0, noise_correction=r["noise_correction"], seed=0)
+        pics.append((f"{r['name']}, {n} steps\nFD {r['eval'][n]['fd']:.1f}", x))
+    labelled_rows(pics, os.path.join(out, "ablation.png"),
+                  title=f"{n}-step students after {base.iters} iterations (seed {base.seed}) and the teacher")
+    return result
+
+
+def markdown(res: dict) -> str:
+    n = res["steps"]
+    cols = list(range(1, n + 1))
+    head = ["row", "what"] + [f"FD @{s}" for s in cols] + [f"acc @{s}" for s in cols] + [f"washed @{n}",
+                                                                                        "selected iter"]
+    lines = [f"# Ablation: {n}-step students, {res['iters']} iterations each, seed {res['seed']}", "",
+             f"FD and accuracy from `flashcore eval` ({res['samples']} samples, seed 0, classifier "
+             f"`{res['classifier']}`, FD against the eval split). Every student is the EMA checkpoint the "
+             "validation FD (train split, seed 1) picked during its run.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    t = res["teacher_rows"]
+    t = {int(k): v for k, v in t.items()}
+    for s in [TEACHER_REFERENCE_STEPS]:
+        lines.append(f"| teacher {s} steps | CFG {t[s]['guidance']:g}, {t[s]['nfe']} NFE | "
+                     + " | ".join([f"{t[s]['fd']:.1f}" if c == n else "" for c in cols])
+                     + " | " + " | ".join([f"{t[s]['accuracy']:.3f}" if c == n else "" for c in cols])
+                     + f" | {t[s]['washed_share']:.3f} | |")
+    lines.append(f"| teacher DDIM | CFG {t[n]['guidance']:g}, noise corrected, 2 NFE a step | "
+                 + " | ".join(f"{t[c]['fd']:.1f}" for c in cols) + " | "
+                 + " | ".join(f"{t[c]['accuracy']:.3f}" for c in cols) + f" | {t[n]['washed_share']:.3f} | |")
+    for r in res["rows"]:
+        e = {int(k): v for k, v in r["eval"].items()}
+        lines.append(f"| {r['name']} | {r['what']} | " + " | ".join(f"{e[c]['fd']:.1f}" for c in cols) + " | "
+                     + " | ".join(f"{e[c]['accuracy']:.3f}" for c in cols)
+                     + f" | {e[n]['washed_share']:.3f} | {r['selected_iter']} |")
+    lines += ["", "Commands (one per row):", "", "```"]
+    lines += [r["command"] for r in res["rows"] if r["command"]]
+    lines += ["```", ""]
+    return "\n".join(lines)
