@@ -7,9 +7,11 @@ patch 2, on a 32x32x4 latent (256 tokens); batch 1 and 8; fp32 and bf16.
 Providers:
   eager            diffusers' own attention (SDPA) + the eager reference update
   compile          torch.compile (default mode) of that same step
-  flashcore-eager  flashcore's attention and update kernels, no compile
+  flashcore-eager  flashcore's attention and update kernels, no compile; in fp32
+                   the linear layers on oneDNN (flashcore.ops.linear, GELU fused)
   flashcore        the Engine: compiled step (fullgraph, static shapes), flashcore
-                   kernels, inductor freezing for bf16 (where it helps)
+                   kernels, oneDNN linear layers in fp32 (MKL is the slow fp32
+                   GEMM here), inductor freezing for bf16 (where it helps)
   onnxruntime      the eager step exported with torch.onnx.export, CPU execution
                    provider (fp32 only: ORT's CPU kernels have no bf16 GEMM path)
 Compile (and export) time is its own row (unit s). Every provider's output is
@@ -147,10 +149,11 @@ def case_providers(fc, base, role: str, b: int, dtype: torch.dtype, tmp: str, pr
         cstep = B.compile_fresh(ref_step(base, guidance, coef, autocast))
         out["compile"] = ("first", lambda: cstep(x, x_T, t, labels))
     if want("flashcore-eager"):
-        e0 = Engine(fc, NoiseSchedule(), compile=False, **eng_kw)
+        # the eager Engine keeps nn.Linear unless asked (it stays bit-equal to sampler.sample)
+        e0 = Engine(fc, NoiseSchedule(), compile=False, linear=dtype == torch.float32, **eng_kw)
         out["flashcore-eager"] = (None, lambda: e0.step(0, x, x_T, labels))
     if want("flashcore"):
-        e1 = Engine(fc, NoiseSchedule(), compile=True, **eng_kw)
+        e1 = Engine(fc, NoiseSchedule(), compile=True, linear=dtype == torch.float32, **eng_kw)
         e1.step(0, x, x_T, labels)
         out["flashcore"] = (e1.compile_seconds, lambda: e1.step(0, x, x_T, labels))
     if want("onnxruntime") and dtype == torch.float32:

@@ -34,6 +34,7 @@ def _probe_args(op: str) -> tuple:
         "srl_renoise": (x, x, 0.5, 0.5),
         "attention": (q, q, q, 1.0),
         "attention_bwd": (q, q, q, q, q, lse, 1.0),
+        "linear": (x, torch.zeros(4, 3), torch.zeros(4), "none"),
     }[op]
 
 

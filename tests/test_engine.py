@@ -14,10 +14,12 @@ import torch._dynamo
 from torch import nn
 from torch._dynamo.utils import counters
 
-from flashcore.engine import BUCKETS, Engine, bucket_for, coefficient_table, engine_update
+from flashcore.engine import BUCKETS, Engine, FlashcoreLinear, bucket_for, coefficient_table, engine_update
 from flashcore.evaluate import generate
 from flashcore.models import Denoiser
+from flashcore.ops import available_backends
 from flashcore.sampler import sample
+from flashcore.testing import spy_backends
 from flashcore.schedule import NoiseSchedule, trailing_grid
 
 from _fixtures import TINY_DIT, TINY_UNET, tiny_denoiser  # noqa: F401  (fixture)
@@ -83,6 +85,30 @@ def test_eager_engine_equals_sampler_exactly(cfg, guidance, nc, clip):
     b = sample(model, labels, schedule=sch, steps=3, shape=(1, 16, 16), guidance=guidance, noise_correction=nc,
                clip=clip, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
+
+
+def test_linear_option_runs_onednn_on_a_copy_and_stays_close(monkeypatch):
+    """``linear="auto"`` is on for compiled float32 only (the eager engine above stays
+    bit-equal); forced on in eager mode the oneDNN GEMMs (another summation order,
+    ~1e-6 apart per layer) keep the samples within the compiled engine's tolerance,
+    and the model itself keeps its nn.Linear layers."""
+    if "onednn" not in available_backends("linear"):
+        pytest.skip("torch built without oneDNN")
+    torch.manual_seed(0)
+    model = Denoiser(TINY_DIT).eval()
+    sch, labels = NoiseSchedule(), torch.tensor([0, 3, 7])
+    assert Engine(model, sch, steps=3).linear
+    assert not Engine(model, sch, steps=3, compile=False).linear
+    assert not Engine(model, sch, steps=3, dtype=torch.bfloat16).linear
+    x_T = _noise(3, (1, 16, 16))
+    ref = sample(model, labels, schedule=sch, steps=3, shape=(1, 16, 16), guidance=2.0, x_T=x_T)
+    calls = spy_backends(monkeypatch, "linear")
+    eng = Engine(model, sch, steps=3, guidance=2.0, compile=False, linear=True)
+    torch.testing.assert_close(eng.sample(labels, x_T=x_T), ref, rtol=1e-4, atol=1e-4)
+    assert calls and set(calls) == {"onednn"}
+    assert not any(isinstance(m, FlashcoreLinear) for m in model.modules())
+    with pytest.raises(ValueError, match="linear"):
+        Engine(model, sch, steps=3, linear="onednn")
 
 
 def test_padding_to_a_bucket_does_not_leak_between_samples(conv):

@@ -3,8 +3,9 @@
 Order of precedence: an explicit ``backend=`` argument, then the innermost
 ``use_backend(...)`` context, then ``FLASHCORE_BACKEND``, then ``auto``.
 ``auto`` picks, for a CUDA tensor, triton > cuda > reference and, for a CPU
-tensor, cpp > reference, keeping only backends that are built and accept the
-inputs. A backend that was asked for but cannot take the inputs falls back to
+tensor, cpp > onednn > reference, keeping only backends that are built and
+accept the inputs (``onednn`` is a row of the ``linear`` op only: PyTorch's
+oneDNN calls, no code of ours). A backend that was asked for but cannot take the inputs falls back to
 the reference with a one-time warning. Nothing is swapped at import time: a
 new backend is one ``register(...)`` row.
 """
@@ -17,8 +18,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
-BACKENDS = ("reference", "cpp", "cuda", "triton")
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "reference")}
+BACKENDS = ("reference", "cpp", "cuda", "triton", "onednn")
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "onednn", "reference")}
 _local = threading.local()
 _warned: set[tuple[str, str, str]] = set()
 

@@ -1,0 +1,120 @@
+"""Route a model's ``nn.Linear`` layers through ``flashcore.ops.linear``.
+
+Why: in float32 PyTorch's linear layers run on MKL, the slow GEMM on this AMD
+CPU; ``flashcore.ops.linear`` picks oneDNN on CPU tensors (see
+``flashcore/ops/linear.py``). The transform swaps modules, never parameters:
+each ``FlashcoreLinear`` holds the very ``Parameter`` objects of the layer it
+replaces, under the same names, so ``state_dict`` keys are unchanged,
+checkpoints load either way and optimiser state still points at the weights.
+
+diffusers' feed-forward ``GELU`` module (``proj`` Linear, then ``F.gelu``) is
+swapped as a whole for ``FlashcoreGELU``, which runs the GELU as oneDNN's
+post-op on the GEMM output; its child is still called ``proj``.
+
+Left alone: subclasses of ``nn.Linear`` (their forward may differ; e.g.
+``nn.MultiheadAttention``'s ``out_proj`` is never called as a module),
+parametrised layers (weight norm) and layers with forward hooks.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .. import ops
+
+_GELU_ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}      # diffusers' ``approximate`` -> ops.linear
+
+
+class FlashcoreLinear(nn.Module):
+    """``nn.Linear``'s forward through ``flashcore.ops.linear``, on shared parameters."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, activation: str = "none",
+                 backend: str | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.register_parameter("bias", bias)
+        self.activation, self.backend = activation, backend
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, activation: str = "none", backend: str | None = None):
+        return cls(lin.weight, lin.bias, activation, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias, activation=self.activation, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, activation={self.activation!r}")
+
+
+class FlashcoreGELU(nn.Module):
+    """diffusers' ``GELU`` (Linear ``proj`` then GELU) as one fused op; same child name."""
+
+    def __init__(self, proj: FlashcoreLinear):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def _swappable(m: nn.Module) -> bool:
+    return (type(m) is nn.Linear and not parametrize.is_parametrized(m)
+            and not (m._forward_hooks or m._forward_pre_hooks))
+
+
+def _diffusers_gelu():
+    try:
+        from diffusers.models.activations import GELU
+    except ImportError:  # pragma: no cover - diffusers is a dependency; keep the transform usable without it
+        return None
+    return GELU
+
+
+def use_flashcore_linear(model: nn.Module, *, fuse_gelu: bool = True, backend: str | None = None) -> int:
+    """Swap, in place, every plain ``nn.Linear`` under ``model`` (and, with
+    ``fuse_gelu``, every diffusers ``GELU`` feed-forward projection) for the
+    flashcore modules above. Returns the number of linear layers now routed
+    through ``flashcore.ops.linear``. Use ``flashcore_linear_copy`` to leave
+    ``model`` itself untouched."""
+    if _swappable(model):
+        raise ValueError("use_flashcore_linear: model is itself an nn.Linear; use "
+                         "FlashcoreLinear.from_linear(model) instead")
+    gelu_cls = _diffusers_gelu() if fuse_gelu else None
+    done: dict[int, nn.Module] = {}          # a module shared at two places gets one replacement
+
+    def swap(m: nn.Module) -> nn.Module | None:
+        if (gelu_cls is not None and type(m) is gelu_cls and m.approximate in _GELU_ACTIVATION
+                and _swappable(m.proj) and not (m._forward_hooks or m._forward_pre_hooks)):
+            proj = FlashcoreLinear.from_linear(m.proj, _GELU_ACTIVATION[m.approximate], backend)
+            return FlashcoreGELU(proj).train(m.training)
+        if _swappable(m):
+            return FlashcoreLinear.from_linear(m, "none", backend).train(m.training)
+        return None
+
+    def walk(parent: nn.Module) -> None:
+        for name, child in list(parent.named_children()):
+            if id(child) not in done:
+                new = swap(child)
+                done[id(child)] = new if new is not None else child
+                if new is None:
+                    walk(child)
+            setattr(parent, name, done[id(child)])
+
+    walk(model)
+    return sum(isinstance(m, FlashcoreLinear) for m in model.modules())
+
+
+def flashcore_linear_copy(model: nn.Module, *, fuse_gelu: bool = True, backend: str | None = None) -> nn.Module:
+    """A copy of ``model``'s module tree with ``use_flashcore_linear`` applied, sharing
+    every parameter and buffer with ``model`` (nothing is copied but the module
+    objects): in-place weight updates and ``load_state_dict`` on ``model`` reach
+    the copy, and ``model`` keeps its own forward."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    clone = copy.deepcopy(model, memo)
+    use_flashcore_linear(clone, fuse_gelu=fuse_gelu, backend=backend)
+    return clone

@@ -1,0 +1,46 @@
+"""The ``onednn`` row of the ``linear`` op: PyTorch's own oneDNN inner product.
+
+``torch.ops.mkldnn._linear_pointwise(x, W, b, attr, scalars, algorithm)`` is the
+call inductor emits for linear layers with frozen weights; here it runs on
+ordinary (non-constant) weights, which inductor itself refuses to lower, so it
+sits behind ``flashcore::linear``. ``attr`` is a oneDNN post-op: "none", or
+"gelu" with algorithm "none" (erf) or "tanh".
+
+What the row takes (anything else falls back to the reference, see ``_dispatch``):
+CPU tensors, float32 or bfloat16 (float64 and float16 are refused by oneDNN's
+inner product here), K > 0 and N > 0, torch built with oneDNN. Any strides:
+the input is flattened to (M, K) (a copy only when the view cannot be made).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _dispatch
+
+_DTYPES = (torch.float32, torch.bfloat16)
+# flashcore activation -> (oneDNN post-op attr, algorithm)
+_POST_OPS = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
+
+
+def _available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _supports(x, weight, bias, activation) -> str | None:
+    if x.device.type != "cpu":
+        return f"tensor on {x.device.type}, the onednn backend is CPU-only"
+    if x.dtype not in _DTYPES:
+        return f"dtype {x.dtype}; oneDNN's linear takes float32 and bfloat16"
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        return f"empty weight {tuple(weight.shape)}"
+    return None
+
+
+def _linear(x, weight, bias, activation):
+    attr, algorithm = _POST_OPS[activation]
+    x2 = x.reshape(-1, x.shape[-1])                                      # (M, K)
+    y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, attr, [], algorithm)   # (M, N)
+    return y.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
+_dispatch.register("linear", "onednn", _linear, available=_available, supports=_supports)

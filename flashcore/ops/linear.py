@@ -1,0 +1,137 @@
+"""A linear layer with an optional GELU after it, as in a transformer's feed-forward.
+
+Notation: x (..., K), W (N, K), b (N,) or None, act one of ``ACTIVATIONS``.
+
+    1. z = x W^T + b                      (..., N)
+    2. y = act(z)                         none: z;  gelu: z Phi(z);  gelu_tanh: tanh approximation
+
+Backward (z recomputed from x when act is not none; the reference maths):
+
+    g_z = g * act'(z);  g_x = g_z W;  g_W = g_z^T x;  g_b = sum g_z       (sums over all leading dims)
+
+Why an op for a GEMM: PyTorch's float32 ``F.linear`` on the CPU goes to MKL,
+which reaches about 205 GFLOP/s on this AMD EPYC (PITFALLS), while oneDNN's
+inner product on the same inputs is much faster (DiT-S/2 forward at batch 1:
+90 -> 52 ms eager). Inductor cannot lower ``mkldnn._linear_pointwise`` with
+weights that are graph inputs (it asserts the weight is a constant), so the
+oneDNN call lives behind this custom op, which the compiler keeps as an opaque
+extern call (``fullgraph=True`` works). oneDNN also applies the GELU as a
+post-op, saving a pass over the (..., N) output.
+
+Dtypes: x, W and b share one floating dtype and device. Under CPU/CUDA
+autocast the public function casts them to the autocast dtype first, as
+autocast does for ``F.linear``. Backends: ``reference`` (``linear_ref``, every
+dtype and device) and ``onednn`` (``_onednn.py``: CPU tensors, float32 and
+bfloat16, K and N > 0, torch built with oneDNN). Other inputs (float64,
+float16, a GPU tensor) fall back to the reference, with a one-time warning if
+``onednn`` was asked for by name.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks, _dispatch
+
+OP = "linear"
+ACTIVATIONS = ("none", "gelu", "gelu_tanh")
+# activation -> F.gelu's ``approximate`` argument (None: no activation)
+_GELU_APPROX = {"none": None, "gelu": "none", "gelu_tanh": "tanh"}
+
+
+def linear_ref(x, weight, bias=None, activation: str = "none"):
+    """Reference (the oracle): ``F.linear`` then the activation, in the input dtype."""
+    z = F.linear(x, weight, bias)                                       # 1. (..., N)
+    approx = _GELU_APPROX[activation]
+    return z if approx is None else F.gelu(z, approximate=approx)       # 2.
+
+
+_dispatch.register(OP, "reference", linear_ref)
+
+
+@torch.library.custom_op("flashcore::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
+               backend: str) -> torch.Tensor:
+    name = _dispatch.resolve(OP, x.device.type, backend or None, x, weight, bias, activation)
+    return _dispatch.run(OP, name, x, weight, bias, activation)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias, activation, backend):
+    return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, activation, _ = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.activation = activation
+
+
+def _backward(ctx, g):
+    x, weight, bias = ctx.saved_tensors
+    approx = _GELU_APPROX[ctx.activation]
+    if approx is not None:
+        z = F.linear(x, weight, bias)                                    # recomputed pre-activation
+        g = torch.ops.aten.gelu_backward(g, z, approximate=approx)      # g_z (..., N)
+    g2 = g.reshape(-1, weight.shape[0])                                  # (M, N)
+    g_x = g_w = g_b = None
+    if ctx.needs_input_grad[0]:
+        g_x = torch.matmul(g, weight)                                    # (..., K)
+    if ctx.needs_input_grad[1]:
+        g_w = g2.t() @ x.reshape(-1, weight.shape[1])                    # (N, K)
+    if bias is not None and ctx.needs_input_grad[2]:
+        g_b = g2.sum(0)                                                  # (N,)
+    return g_x, g_w, g_b, None, None
+
+
+_linear_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _autocast(x, weight, bias):
+    """Autocast's rule for ``F.linear``: cast float inputs to the autocast dtype.
+
+    A custom op has no autocast kernel, so without this a bf16 activation would
+    meet a float32 weight inside an autocast region (the engine's bf16 mode)."""
+    dev = x.device.type
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+        return x, weight, bias
+    dt = torch.get_autocast_dtype(dev)
+    cast = lambda t: t.to(dt) if t is not None and t.dtype in (torch.float32, torch.float16,  # noqa: E731
+                                                                torch.bfloat16) else t
+    return cast(x), cast(weight), cast(bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           activation: str = "none", backend: str | None = None) -> torch.Tensor:
+    """``act(x W^T + b)``: ``F.linear`` (then a GELU) through flashcore's backend table.
+
+    Args:
+        x: (..., K), at least one dimension.
+        weight: (N, K), same dtype and device as ``x``.
+        bias: (N,) or None, same dtype and device.
+        activation: "none", "gelu" (erf) or "gelu_tanh" (the tanh approximation).
+        backend: ``reference``/``onednn``/``auto`` or None (context, env, auto); see ``flashcore.ops``.
+    Returns:
+        (..., N) in the dtype of ``x`` (the autocast dtype inside an autocast region).
+    """
+    _checks.tensor(OP, "x", x)
+    _checks.tensor(OP, "weight", weight, ndim=2)
+    if bias is not None:
+        _checks.tensor(OP, "bias", bias, ndim=1)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{OP}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if x.dim() < 1:
+        raise ValueError(f"{OP}: x must have at least one dimension (..., K), got a scalar")
+    x, weight, bias = _autocast(x, weight, bias)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{OP}: {name} must match x in dtype and device "
+                             f"({t.dtype}/{t.device} vs {x.dtype}/{x.device})")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"{OP}: x has {x.shape[-1]} features (last dim of {tuple(x.shape)}) but weight "
+                         f"{tuple(weight.shape)} expects K = {k}")
+    if bias is not None and bias.shape[0] != n:
+        raise ValueError(f"{OP}: bias has {bias.shape[0]} elements but weight {tuple(weight.shape)} "
+                         f"has N = {n} outputs")
+    return _linear_op(x, weight, bias, activation, backend or "")
