@@ -4,8 +4,13 @@ torch.compile of the reference, and this machine's copy bandwidth.
 Two variants: the teacher's first step (CFG combine + noise correction + clip:
 reads x_t, eps_c, eps_u, x_T, writes x_s, x0) and the student's step (no CFG, no
 correction: reads x_t, eps_c, writes x_s, x0). GB/s counts bytes read plus
-written at a >= 64 MB size; the models' real latents are reported in
+written at a >= 64 MB size, against a preallocated copy of the same footprint
+measured in the same run; the models' real latents are reported in
 microseconds per call, where call overhead, not bandwidth, decides.
+
+Each flashcore backend is timed twice: ``flashcore-<b>`` allocates x_s and x0
+on every call (like eager), ``flashcore-<b>-out`` writes them into buffers
+allocated once (``out=``), as a sampler loop does.
 
     python bench/bench_sampler_step.py [--quick] [--providers eager,flashcore]
 """
@@ -30,7 +35,12 @@ VARIANTS = {   # name -> (uses eps_u and x_T, tensors read, tensors written)
 }
 NOTES = ("value: GB/s (bytes read + written) at the large size (16 MiB a tensor, under glibc's 32 MiB mmap "
          "threshold: see flashcore.benchmarking.bandwidth_shape), microseconds per call at the latent sizes",
-         "copy: torch copy_ into a preallocated buffer (256 MB; 16 MB with --quick), measured in the same run")
+         "copy: dst.copy_(src) into a preallocated dst, measured in the same run at the footprint of the GB/s "
+         "rows it is compared with (2x48 MiB for the teacher variant, 2x32 MiB for the student), same byte count",
+         "flashcore-<backend>: allocates x_s and x0 on every call; flashcore-<backend>-out: out=(x_s, x0), "
+         "buffers allocated once before timing (the sampler loop's use)",
+         "eager, compile: the PyTorch reference (allocating)")
+PROVIDER_NOTES = {"flashcore-cpp": "allocates outputs each call;", "flashcore-cpp-out": "out= preallocated;"}
 
 
 def _inputs(shape, dtype, teacher: bool):
@@ -53,14 +63,16 @@ def _providers(teacher: bool, xs) -> dict:
 
     compiled = B.compile_fresh(ref)
     provs = {"eager": lambda: ref(x_t, e_c, e_u, x_T), "compile": lambda: compiled(x_t, e_c, e_u, x_T)}
+    bufs = (torch.empty_like(x_t), torch.empty_like(x_t))
     for b in B.flashcore_backends("sampler_step", x_t, e_c, e_u, x_T, *args):
         provs[f"flashcore-{b}"] = (lambda b=b: sampler_step(x_t, e_c, eps_u=e_u, x_T=x_T, backend=b, **c, **kw))
+        provs[f"flashcore-{b}-out"] = (lambda b=b: sampler_step(x_t, e_c, eps_u=e_u, x_T=x_T, backend=b, out=bufs,
+                                                                **c, **kw))
     return provs
 
 
 def run(quick: bool = False, providers=None, log=None) -> list[dict]:
-    bw, bw_t = B.copy_bandwidth(16 << 20 if quick else 256 << 20)
-    rows = [B.make_row("copy", "torch.copy_", "16MB" if quick else "256MB", "fp32", bw_t, "GB/s", bw)]
+    rows, copies = [], {}
     dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
     variants = ["sampler_step"] if quick else list(VARIANTS)
     timing = dict(warmup=1, repeats=3, min_sample_ms=0.2) if quick else dict(warmup=3, repeats=25)
@@ -73,8 +85,13 @@ def run(quick: bool = False, providers=None, log=None) -> list[dict]:
                 xs = _inputs(shape, dtype, teacher)
                 work = math.prod(shape) * xs[0].element_size() * (n_in + n_out)
                 unit = "GB/s" if shape == shapes[-1] else "us"
+                copy_gbps = None
+                if unit == "GB/s":
+                    copy_rows, copy_gbps = B.copy_baseline(work, copies)
+                    rows += copy_rows
                 rows += B.bench_case(name, shape, dtype, _providers(teacher, xs), unit=unit, work=work,
-                                     providers=providers, timing=timing, log=log)
+                                     providers=providers, timing=timing, log=log, notes=PROVIDER_NOTES,
+                                     copy_gbps=copy_gbps)
     return rows
 
 

@@ -18,6 +18,10 @@ TORCH_LIBRARY(flashcore_C, m) {
   // -> (x_next, x0); see flashcore/ops/sampler_step.py
   m.def("sampler_step(Tensor x_t, Tensor eps_c, Tensor? eps_u, Tensor? x_T, float a_t, float s_t, "
         "float a_s, float s_s, float guidance, bool noise_correction, float clip) -> (Tensor, Tensor)");
+  // the same, written into caller-owned buffers (which must not alias the inputs)
+  m.def("sampler_step_out(Tensor x_t, Tensor eps_c, Tensor? eps_u, Tensor? x_T, float a_t, float s_t, "
+        "float a_s, float s_s, float guidance, bool noise_correction, float clip, Tensor(a!) x_next, "
+        "Tensor(b!) x0) -> ()");
   // -> (loss, grad_eps); see flashcore/ops/srl_loss.py
   m.def("srl_loss(Tensor x_t, Tensor eps_s, Tensor x0_target, float a_t, float s_t) -> (Tensor, Tensor)");
   // chi = a * x0 + s * noise

@@ -90,11 +90,12 @@ def timing_of_seconds(seconds: float) -> Timing:
 
 @functools.lru_cache(maxsize=None)
 def copy_bandwidth(nbytes: int = 256 << 20) -> tuple[float, Timing]:
-    """This machine's copy bandwidth in GB/s (read + write) and its timing.
+    """This machine's copy bandwidth in GB/s (read + write) and its timing, for a copy of
+    ``nbytes`` into another ``nbytes``.
 
     A preallocated destination, so the number is the memory system's and not
     the page-fault rate of fresh allocations (PITFALLS: 2 against 100 GB/s).
-    Cached per process: every element-wise row of one run compares with the
+    Cached per process and size: every element-wise row of one run compares with the
     same measurement.
     """
     n = nbytes // 4
@@ -102,6 +103,23 @@ def copy_bandwidth(nbytes: int = 256 << 20) -> tuple[float, Timing]:
     dst = torch.empty_like(src)
     tm = measure(lambda: dst.copy_(src), warmup=2, repeats=15, min_sample_ms=1.0)
     return 2 * n * 4 / (tm.p50_ms * 1e-3) / 1e9, tm
+
+
+def copy_baseline(footprint: int, seen: dict[int, float]) -> tuple[list[dict], float]:
+    """The copy to compare an element-wise case that moves ``footprint`` bytes with:
+    ``dst.copy_(src)`` into a preallocated ``dst``, ``footprint / 2`` bytes each, so both
+    count the same bytes (read + written) over the same amount of memory (a smaller
+    footprint keeps more of itself in the last-level cache between calls).
+
+    Returns ``([copy row], GB/s)`` the first time a footprint is asked for in ``seen``
+    (a dict the bench module keeps per run), ``([], GB/s)`` after that.
+    """
+    if footprint in seen:
+        return [], seen[footprint]
+    bw, t = copy_bandwidth(footprint // 2)
+    seen[footprint] = bw
+    label = f"2x{footprint / 2 / 2 ** 20:.4g}MiB"
+    return [make_row("copy", "torch.copy_", label, "fp32", t, "GB/s", bw, copy_gbps=bw)], bw
 
 
 # ------------------------------------------------------------------ rows ----
@@ -202,13 +220,14 @@ def markdown_table(rows: list[dict]) -> str:
     """Rows with speed-up against the ``eager`` row of the same case, and the
     share of the measured copy bandwidth for GB/s rows."""
     eager = {_group_key(r): r["p50_ms"] for r in rows if r["provider"] == "eager"}
-    copy_bw = next((r["value"] for r in rows if r["name"] == "copy"), None)
+    first_copy = next((r["value"] for r in rows if r["name"] == "copy"), None)
     lines = ["| name | provider | shape | dtype | p50 ms | p20-p80 ms | value | vs eager | note |",
              "|---|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         base = eager.get(_group_key(r))
         speed = f"{base / r['p50_ms']:.2f}x" if base and r["p50_ms"] > 0 and r["unit"] not in ("s",) else ""
         value = f"{r['value']:.4g} {r['unit']}"
+        copy_bw = r.get("copy_gbps") or first_copy     # the copy of the same footprint, if measured
         if r["unit"] == "GB/s" and copy_bw and r["name"] != "copy":
             value += f" ({100 * r['value'] / copy_bw:.0f}% of copy)"
         note = r.get("note", "")
@@ -334,11 +353,14 @@ def _max_err(out, ref) -> float:
 
 def bench_case(name: str, shape, dtype, provs: dict[str, Callable[[], object]], *, unit: str, work: float,
                providers: tuple[str, ...] | None = None, timing: dict | None = None,
-               log: Callable[[str], None] | None = None) -> list[dict]:
+               log: Callable[[str], None] | None = None, notes: dict[str, str] | None = None,
+               copy_gbps: float | None = None) -> list[dict]:
     """Rows for one case: validate every provider against ``provs["eager"]``, then time it.
 
     A provider named ``compile`` also gets a ``<name>.compile`` row (unit s) for
-    its first call. ``max_abs_err`` (against eager) rides along in JSON/markdown.
+    its first call. ``max_abs_err`` (against eager), ``notes[provider]`` and, for GB/s
+    rows, ``copy_gbps`` (the copy of the same footprint, see ``copy_baseline``) ride along
+    in JSON/markdown.
     """
     rows = []
     expect = provs["eager"]()
@@ -350,7 +372,12 @@ def bench_case(name: str, shape, dtype, provs: dict[str, Callable[[], object]], 
             rows.append(make_row(f"{name}.compile", prov, shape, dtype, timing_of_seconds(secs), "s", secs))
         err = _max_err(fn(), expect)
         t = measure(fn, **(timing or {}))
-        rows.append(throughput_row(name, prov, shape, dtype, t, unit, work, max_abs_err=err))
+        extra = {"max_abs_err": err}
+        if notes and notes.get(prov):
+            extra["note"] = notes[prov]
+        if copy_gbps and unit == "GB/s":
+            extra["copy_gbps"] = copy_gbps
+        rows.append(throughput_row(name, prov, shape, dtype, t, unit, work, **extra))
         if log:
             log(f"{name:22s} {prov:17s} {dtype_name(dtype)} {rows[-1]['shape']:14s} p50 {t.p50_ms * 1e3:10.1f} us"
                 f"  {rows[-1]['value']:9.4g} {unit}")

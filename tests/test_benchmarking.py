@@ -87,6 +87,16 @@ def test_markdown_speedup_and_copy_share(tmp_path):
     assert text.startswith("# title") and "- a note\n\n| name" in text
 
 
+def test_copy_share_uses_the_copy_of_the_same_footprint():
+    rows = [_row("copy", "torch.copy_", p50=1.0, value=40.0), _row(value=10.0, copy_gbps=20.0), _row(value=10.0)]
+    table = B.markdown_table(rows)
+    assert "(50% of copy)" in table and "(25% of copy)" in table   # its own copy, else the first one
+    seen = {}
+    copy_rows, bw = B.copy_baseline(2 << 20, seen)                  # 1 MiB copied into 1 MiB
+    assert [r["name"] for r in copy_rows] == ["copy"] and copy_rows[0]["shape"] == "2x1MiB" and bw > 0
+    assert B.copy_baseline(2 << 20, seen) == ([], bw)               # measured once per footprint
+
+
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     assert B.plot(tmp_path / "x.png", "t", [_row(), _row(provider="compile", p50=1.0)])

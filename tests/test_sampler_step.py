@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flashcore import testing
-from flashcore.ops.sampler_step import _sampler_step_op, sampler_step, sampler_step_ref
+from flashcore.ops.sampler_step import _sampler_step_op, _sampler_step_out_op, sampler_step, sampler_step_ref
 
 OP = "sampler_step"
 SHAPES = [(1, 1, 7, 9), (2, 3, 16, 16), (3, 4, 33, 17), (5,)]  # odd lengths, batch 1
@@ -143,6 +143,171 @@ def test_native_checks_raise_not_crash():
         native(x, x, None, None, 0.3, 0.9, 0.7, float("inf"), 1.0, False, 0.0)
     with pytest.raises(RuntimeError, match="sampler_step: x_t must be float"):
         native(x.int(), x.int(), None, None, 0.3, 0.9, 0.7, 0.7, 1.0, False, 0.0)
+
+
+# ---------------------------------------------------------------- out= form --
+
+def _out_buffers(like, layout):
+    def permuted():                                                   # dense, not contiguous
+        return torch.empty(like.shape[::-1], dtype=like.dtype).permute(*reversed(range(like.dim())))
+
+    if layout == "permuted":
+        return [permuted() for _ in range(2)]
+    if layout == "strided":
+        return [testing.make_noncontiguous(torch.empty_like(like, memory_format=torch.contiguous_format))
+                for _ in range(2)]
+    if layout == "mixed":                                             # one contiguous, one permuted
+        return [torch.empty_like(like, memory_format=torch.contiguous_format), permuted()]
+    return [torch.empty_like(like) for _ in range(2)]
+
+
+def _call(args, backend, out=None):
+    x, ec, eu, xT, a_t, s_t, a_s, s_s, w, nc, clip = args
+    return sampler_step(x, ec, eps_u=eu, x_T=xT, a_t=a_t, s_t=s_t, a_s=a_s, s_s=s_s, guidance=w,
+                        noise_correction=nc, clip=clip, backend=backend, out=out)
+
+
+@pytest.mark.parametrize("backend,shape", testing.cases(OP, SHAPES + [(1, 70001)], SMALL))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_out_matches_oracle_and_allocating_form(backend, shape, dtype, variant):
+    args = _args(_inputs(shape, dtype, "contiguous"), VARIANTS[variant])
+    testing.skip_unless_supported(OP, backend, *args)
+    out = [torch.full(shape, float("nan"), dtype=dtype) for _ in range(2)]
+    got = _call(args, backend, out=tuple(out))
+    assert got[0] is out[0] and got[1] is out[1]
+    alloc = _call(args, backend)
+    oracle = sampler_step_ref(*testing.to64(args))
+    for o, a, r, g, name in zip(out, alloc, sampler_step_ref(*args), oracle, ("x_next", "x0")):
+        torch.testing.assert_close(o, a, rtol=0, atol=0)             # same kernel, same bits
+        testing.assert_close_to_oracle(o, r, g, name=name)
+
+
+@pytest.mark.parametrize("backend,shape", testing.cases(OP, [(3, 4, 33, 17)], SMALL))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("in_layout", ["contiguous", "permuted", "strided"])
+@pytest.mark.parametrize("out_layout", ["permuted", "strided", "mixed"])
+def test_out_layouts(backend, shape, dtype, in_layout, out_layout):
+    args = _args(_inputs(shape, dtype, in_layout), VARIANTS["teacher_nc_clip"])
+    testing.skip_unless_supported(OP, backend, *args)
+    out = _out_buffers(args[0], out_layout)
+    strides = [o.stride() for o in out]
+    _call(args, backend, out=tuple(out))
+    assert [o.stride() for o in out] == strides                      # written in place, not replaced
+    for o, a in zip(out, _call(args, backend)):
+        torch.testing.assert_close(o, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", testing.cpu_backends(OP))
+def test_out_bad_buffers_raise_clearly(backend):
+    x, ec, eu, xT = (torch.randn(2, 3, 5) for _ in range(4))
+
+    def call(out, **kw):
+        return sampler_step(x, ec, eps_u=eu, x_T=xT, noise_correction=True, backend=backend, out=out,
+                            **{**SCHED, **kw})
+
+    good = torch.empty_like(x)
+    with pytest.raises(ValueError, match=r"out\[0\] \(x_next\) has dtype torch.float64"):
+        call((good.double(), good.clone()))
+    with pytest.raises(ValueError, match=r"out\[1\] \(x0\) has dtype torch.bfloat16"):
+        call((good, good.bfloat16()))
+    with pytest.raises(ValueError, match=r"out\[1\] \(x0\) has shape \(2, 15\)"):
+        call((good, torch.empty(2, 15)))
+    with pytest.raises(ValueError, match=r"out\[0\] \(x_next\) must be a floating tensor"):
+        call((good.long(), good))
+    with pytest.raises(ValueError, match="out must be a pair"):
+        call(good)
+    with pytest.raises(ValueError, match="out must be a pair"):
+        call((good,))
+    # aliasing: an input itself, a view of one, the two buffers one another
+    with pytest.raises(ValueError, match=r"out\[0\] \(x_next\) shares memory with x_t"):
+        call((x, good))
+    with pytest.raises(ValueError, match=r"out\[1\] \(x0\) shares memory with eps_u"):
+        call((good, eu.view(2, 15).view(2, 3, 5)))
+    with pytest.raises(ValueError, match=r"out\[1\] \(x0\) shares memory with x_T"):
+        big = torch.cat([xT.flatten(), torch.zeros(10)])
+        xT_view = big[:30].view(2, 3, 5)
+        sampler_step(x, ec, eps_u=eu, x_T=xT_view, noise_correction=True, backend=backend,
+                     out=(good, big[5:35].view(2, 3, 5)), **SCHED)
+    with pytest.raises(ValueError, match=r"\(x_next\) and out\[1\] \(x0\) share memory"):
+        call((good, good))
+    # no autograd through out=
+    with pytest.raises(ValueError, match="out= does not support autograd"):
+        sampler_step(x.requires_grad_(), ec, eps_u=eu, x_T=xT, noise_correction=True, backend=backend,
+                     out=(good, torch.empty_like(good)), **SCHED)
+    with pytest.raises(ValueError, match="out= does not support autograd"):     # the op itself too
+        _sampler_step_out_op(x, ec, None, None, 0.3, 0.9, 0.7, 0.7, 1.0, False, 0.0, backend, good,
+                             torch.empty_like(good))
+    with torch.no_grad():                                             # fine without grad mode
+        call((good, torch.empty_like(good)))
+
+
+def test_out_bumps_version_counters():
+    """Like any in-place op, so autograd notices a buffer it saved being overwritten."""
+    x, ec = torch.randn(2, 3), torch.randn(2, 3)
+    w = torch.randn(2, 3, requires_grad=True)
+    buf, x0 = torch.empty(2, 3), torch.empty(2, 3)
+    y = (buf * w).sum()                                               # saves buf for backward
+    with torch.no_grad():
+        sampler_step(x, ec, out=(buf, x0), **SCHED)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_out_disjoint_views_of_one_buffer_are_fine():
+    x, ec = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    buf = torch.empty(2, 2, 3, 5)                                     # both outputs in one allocation
+    for backend in testing.cpu_backends(OP):
+        sampler_step(x, ec, backend=backend, out=(buf[0], buf[1]), **SCHED)
+        for o, r in zip(buf, sampler_step(x, ec, backend=backend, **SCHED)):
+            torch.testing.assert_close(o, r, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", testing.cpu_backends(OP))
+def test_out_opcheck(backend):
+    x, ec, eu, xT, o1, o2 = (torch.randn(2, 3, 5) for _ in range(6))
+    torch.library.opcheck(_sampler_step_out_op, (x, ec, eu, xT, 0.3, 0.95, 0.7, 0.71, 3.0, True, 1.5, backend,
+                                                 o1, o2))
+    torch.library.opcheck(_sampler_step_out_op, (x, ec, None, None, 0.3, 0.95, 0.7, 0.71, 1.0, False, 0.0,
+                                                 backend, o1, o2))
+
+
+@pytest.mark.parametrize("backend", testing.cpu_backends(OP))
+def test_out_compile_fullgraph_matches_eager(backend):
+    if backend in testing.SLOW_BACKENDS:
+        pytest.skip("interpreted Triton under torch.compile is not worth the minutes")
+    x, ec, eu, xT = (torch.randn(2, 4, 8, 8) for _ in range(4))
+
+    def f(x, ec, eu, xT, x_next, x0):
+        sampler_step(x, ec, eps_u=eu, x_T=xT, guidance=2.0, noise_correction=True, clip=1.0,
+                     backend=backend, out=(x_next, x0), **SCHED)
+        return x_next * 1.0, x0 + 0.0                                 # the graph reads the buffers back
+
+    eager_bufs = [torch.empty_like(x) for _ in range(2)]
+    compiled_bufs = [torch.empty_like(x) for _ in range(2)]
+    eager = f(x, ec, eu, xT, *eager_bufs)
+    compiled = torch.compile(f, fullgraph=True)(x, ec, eu, xT, *compiled_bufs)
+    for a, b in zip(eager + tuple(eager_bufs), compiled + tuple(compiled_bufs)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_native_out_checks_raise_not_crash():
+    if "cpp" not in testing.cpu_backends(OP):
+        pytest.skip("cpp backend not built")
+    native = torch.ops.flashcore_C.sampler_step_out
+    x, ec = torch.randn(2, 3), torch.randn(2, 3)
+    k = (0.3, 0.9, 0.7, 0.7, 1.0, False, 0.0)
+    with pytest.raises(RuntimeError, match="sampler_step: x_next has dtype"):
+        native(x, ec, None, None, *k, x.double(), torch.empty_like(x))
+    with pytest.raises(RuntimeError, match="sampler_step: x0 has shape"):
+        native(x, ec, None, None, *k, torch.empty_like(x), torch.empty(3, 2))
+    with pytest.raises(RuntimeError, match="sampler_step: x0 has overlapping elements"):
+        native(x, ec, None, None, *k, torch.empty_like(x), torch.empty(1, 3).expand(2, 3))
+    with pytest.raises(RuntimeError, match="sampler_step: x_next shares memory with eps_c"):
+        native(x, ec, None, None, *k, ec, torch.empty_like(x))
+    with pytest.raises(RuntimeError, match="sampler_step: x_next shares memory with x0"):
+        y = torch.empty_like(x)
+        native(x, ec, None, None, *k, y, y)
 
 
 # Triton only (appended by the GPU-kernel work): more elements than one program of the

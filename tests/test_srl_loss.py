@@ -147,6 +147,54 @@ def test_native_checks_raise_not_crash():
         torch.ops.flashcore_C.srl_renoise(x, x, float("nan"), 0.9)
 
 
+# ------------------------------------------------------------- backward path --
+
+@pytest.mark.parametrize("backend", testing.cpu_backends(OP))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("weight", [1.0, 0.3])
+def test_backward_is_the_saved_gradient_scaled(backend, dtype, weight):
+    """``loss.backward()`` (g == 1) hands back the forward's gradient; a weighted loss
+    scales it; a retained graph gives the same gradient twice (nothing scaled in place)."""
+    x, tgt = _inputs((3, 4, 33, 17), dtype, n=2)
+    eps = torch.randn(3, 4, 33, 17).to(dtype).requires_grad_()
+    testing.skip_unless_supported(OP, backend, x, eps, tgt, A_T, S_T)
+    _, grad = _srl_loss_op(x, eps.detach(), tgt, A_T, S_T, backend)
+    loss = srl_loss(x, eps, tgt, a_t=A_T, s_t=S_T, backend=backend) * weight
+    (g1,) = torch.autograd.grad(loss, eps, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, eps)
+    expect = grad if weight == 1.0 else grad * torch.tensor(weight, dtype=loss.dtype)
+    torch.testing.assert_close(g1, expect, rtol=0, atol=0)
+    torch.testing.assert_close(g2, expect, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", testing.cpu_backends(OP))
+def test_backward_to_every_input(backend):
+    x, eps, tgt = (torch.randn(2, 3, 5, requires_grad=True) for _ in range(3))
+    testing.skip_unless_supported(OP, backend, x, eps, tgt, A_T, S_T)
+    (srl_loss(x, eps, tgt, a_t=A_T, s_t=S_T, backend=backend) * 2.5).backward()
+    ref = ((x - S_T * eps) / A_T - tgt).square().mean() * 2.5
+    gx, ge, gt = torch.autograd.grad(ref, (x, eps, tgt))
+    for got, want in ((x.grad, gx), (eps.grad, ge), (tgt.grad, gt)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_backward_compile_fullgraph_matches_eager():
+    if "cpp" not in testing.cpu_backends(OP):
+        pytest.skip("cpp backend not built")
+    x, tgt = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+
+    def f(x, eps, tgt):
+        return srl_loss(x, eps, tgt, a_t=A_T, s_t=S_T, backend="cpp")
+
+    grads = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        eps = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        for weight in (1.0, 0.3):   # g == 1 and a weighted loss (the distillation sum)
+            grads.append(torch.autograd.grad(fn(x, eps, tgt) * weight, eps)[0])
+    for a, b in zip(grads[:2], grads[2:]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
 # Triton only (appended by the GPU-kernel work): several programs of the interpreter's
 # 1024-wide tile, each writing two 512-element partial sums, the last one ragged.
 @pytest.mark.skipif("triton" not in testing.cpu_backends(OP), reason="the triton row runs here only interpreted")

@@ -21,24 +21,34 @@ namespace {
 
 constexpr int64_t kChunk = kGrain;
 
+// One chunk: writes its part of the gradient, returns its sum of squares. Out of line on
+// purpose: inlined into the loop over chunks, GCC 12 vectorised that outer loop instead
+// (one chunk a lane, gathers and scatters 128 KB apart), about 6x slower than this loop.
+template <typename T>
+__attribute__((noinline)) double srl_chunk(const T* __restrict xt, const T* __restrict eps,
+                                           const T* __restrict tgt, T* __restrict grad, int64_t n,
+                                           acc_t<T> a_t, acc_t<T> s_t, acc_t<T> coef) {
+  using A = acc_t<T>;
+  double sum = 0;  // fp64 per chunk: as accurate as torch's pairwise sum, still memory-bound
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    const A x0s = (cvt<A>(xt[i]) - s_t * cvt<A>(eps[i])) / a_t;   // 1.
+    const A diff = x0s - cvt<A>(tgt[i]);
+    sum += static_cast<double>(diff * diff);                      // 2.
+    grad[i] = cvt<T>(coef * diff);                                // 3.
+  }
+  return sum;
+}
+
 template <typename T>
 double srl_kernel(const T* xt, const T* eps, const T* tgt, T* grad, int64_t n, acc_t<T> a_t, acc_t<T> s_t,
                   acc_t<T> coef) {
-  using A = acc_t<T>;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> part(chunks);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t lo = c * kChunk, hi = std::min(n, lo + kChunk);
-      double sum = 0;  // fp64 per chunk: as accurate as torch's pairwise sum, still memory-bound
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = lo; i < hi; ++i) {
-        const A x0s = (cvt<A>(xt[i]) - s_t * cvt<A>(eps[i])) / a_t;   // 1.
-        const A diff = x0s - cvt<A>(tgt[i]);
-        sum += static_cast<double>(diff * diff);                      // 2.
-        grad[i] = cvt<T>(coef * diff);                                // 3.
-      }
-      part[c] = sum;
+      const int64_t lo = c * kChunk, m = std::min(n - lo, kChunk);
+      part[c] = srl_chunk<T>(xt + lo, eps + lo, tgt + lo, grad + lo, m, a_t, s_t, coef);
     }
   });
   double total = 0;

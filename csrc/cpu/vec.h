@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -122,5 +123,38 @@ inline void check_finite(const char* op, const char* name, double v) {
 // Element-wise work below this many elements stays on the calling thread: waking the
 // pool costs more than it saves.
 constexpr int64_t kGrain = 1 << 15;
+
+// Do two tensors share any byte of memory? Conservative for strided views of one
+// storage (their byte extents are compared, not the exact elements), exact otherwise.
+inline bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) return false;
+  auto extent = [](const at::Tensor& t) {
+    int64_t lo = 0, hi = 0;  // element offsets of the first and last element touched
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      const int64_t span = (t.size(d) - 1) * t.stride(d);
+      (span < 0 ? lo : hi) += span;
+    }
+    const auto* p = static_cast<const char*>(t.const_data_ptr());
+    return std::pair<const char*, const char*>{p + lo * t.element_size(), p + (hi + 1) * t.element_size()};
+  };
+  const auto [a0, a1] = extent(a);
+  const auto [b0, b1] = extent(b);
+  return a0 < b1 && b0 < a1;
+}
+
+// An out= tensor: on the CPU, of the input's dtype and shape, no element written twice
+// (an expanded tensor), and sharing no memory with the inputs (checked by the caller).
+inline void check_out(const char* op, const char* name, const at::Tensor& out, const char* ref_name,
+                      const at::Tensor& ref) {
+  check_same(op, name, out, ref_name, ref);
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, op, ": ", name,
+              " has overlapping elements (an expanded or broadcast view); pass a dense tensor");
+}
+
+inline void check_no_alias(const char* op, const char* name, const at::Tensor& out, const char* other_name,
+                           const at::Tensor& other) {
+  TORCH_CHECK(!may_share_memory(out, other), op, ": ", name, " shares memory with ", other_name,
+              "; the out= tensors must not alias the inputs or each other (pass separate buffers)");
+}
 
 }  // namespace flashcore::cpu

@@ -8,7 +8,8 @@ What the "cpp" rows take (anything else falls back to the reference with a one-t
 warning, through ``supports``):
 
 - every op: CPU tensors only.
-- sampler_step, srl_loss, srl_renoise: float16/bfloat16/float32/float64, any layout.
+- sampler_step (and sampler_step_out, its out= form), srl_loss, srl_renoise:
+  float16/bfloat16/float32/float64, any layout.
   Inputs that share a dense layout (contiguous, channels-last, a transposed view) are
   walked flat with no copy; other strides are copied once into the output's layout
   inside the kernel (a correct, slower path rather than a fallback).
@@ -31,6 +32,7 @@ except ImportError:  # pragma: no cover - exercised on installs without a compil
 # op name in the backend table -> native op that implements it
 _KERNELS = {
     "sampler_step": "flashcore_C::sampler_step",
+    "sampler_step_out": "flashcore_C::sampler_step_out",
     "srl_loss": "flashcore_C::srl_loss",
     "srl_renoise": "flashcore_C::srl_renoise",
     "attention": "flashcore_C::attention_fwd",
@@ -84,6 +86,11 @@ def _sampler_step(x_t, eps_c, eps_u, x_T, a_t, s_t, a_s, s_s, guidance, noise_co
                                               noise_correction, clip)
 
 
+def _sampler_step_out(x_t, eps_c, eps_u, x_T, a_t, s_t, a_s, s_s, guidance, noise_correction, clip, x_next, x0):
+    torch.ops.flashcore_C.sampler_step_out(x_t, eps_c, eps_u, x_T, a_t, s_t, a_s, s_s, guidance,
+                                           noise_correction, clip, x_next, x0)
+
+
 def _srl_loss(x_t, eps_s, x0_target, a_t, s_t):
     return torch.ops.flashcore_C.srl_loss(x_t, eps_s, x0_target, a_t, s_t)
 
@@ -102,6 +109,7 @@ def _attention_bwd(dout, q, k, v, out, lse, scale):
 
 _ROWS = {
     "sampler_step": (_sampler_step, _elementwise_supports),
+    "sampler_step_out": (_sampler_step_out, _elementwise_supports),
     "srl_loss": (_srl_loss, _elementwise_supports),
     "srl_renoise": (_srl_renoise, _elementwise_supports),
     "attention": (_attention, _attention_supports),

@@ -15,6 +15,14 @@ Notation: x_t = a_t x0 + s_t eps. One step from t to the next grid time s:
 Returns ``(x_s, x0)``; the last step of a sampler uses ``x0``. The fused
 kernels compute all five lines in one pass over memory.
 
+``out=(x_s, x0)`` writes into caller-owned buffers instead (op
+``flashcore::sampler_step_out``, which mutates them): a sampler loop calls the
+update every step, and fresh outputs above glibc's mmap threshold are mapped
+and page-faulted on every call, which costs more than the update itself. The
+buffers must match ``x_t`` in shape, dtype and device and share no memory with
+the inputs or each other; out= does not record autograd. Backends with an
+in-place kernel (``cpp``) write directly; the others compute and copy.
+
 Backends: ``reference`` (this file), then rows registered by the native
 (``cpp``), Triton (``triton``) and CUDA C++ (``cuda``) modules. The op accepts
 float16/bfloat16/float32/float64 tensors of one shape, dtype and device;
@@ -31,6 +39,7 @@ import torch
 from . import _checks, _dispatch
 
 OP = "sampler_step"
+OP_OUT = "sampler_step_out"   # rows: kernels that write into caller-owned (x_s, x0)
 
 
 def sampler_step_ref(x_t, eps_c, eps_u, x_T, a_t: float, s_t: float, a_s: float, s_s: float,
@@ -50,7 +59,15 @@ def sampler_step_ref(x_t, eps_c, eps_u, x_T, a_t: float, s_t: float, a_s: float,
     return x_next.to(x_t.dtype), x0.to(x_t.dtype)
 
 
+def _sampler_step_out_ref(x_t, eps_c, eps_u, x_T, a_t, s_t, a_s, s_s, guidance, noise_correction, clip,
+                          x_next, x0):
+    res = sampler_step_ref(x_t, eps_c, eps_u, x_T, a_t, s_t, a_s, s_s, guidance, noise_correction, clip)
+    x_next.copy_(res[0])
+    x0.copy_(res[1])
+
+
 _dispatch.register(OP, "reference", sampler_step_ref)
+_dispatch.register(OP_OUT, "reference", _sampler_step_out_ref)
 
 
 @torch.library.custom_op("flashcore::sampler_step", mutates_args=())
@@ -103,10 +120,76 @@ def _backward(ctx, g_next, g_x0):
 _sampler_step_op.register_autograd(_backward, setup_context=_setup)
 
 
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Do the byte extents of ``a`` and ``b`` intersect (exact for separate storages)?"""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def extent(t):
+        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = extent(a), extent(b)
+    return a0 < b1 and b0 < a1
+
+
+# The out= op. Its schema marks x_next and x0 as mutated (what ``mutates_args`` would
+# generate), so functionalization and torch.compile treat it like any in-place op. It is
+# defined with torch.library.define rather than @custom_op on purpose: for a mutating op
+# custom_op adds a Python ADInplaceOrView kernel that re-reads the schema for every
+# argument on every call (~45 us here with 14 arguments, twice the whole update at the
+# models' latents); this op bumps the version counters itself (~11 us per call in all).
+# No autograd: an out= call with inputs that require grad is refused.
+_LIB = torch.library.Library("flashcore", "FRAGMENT")
+_LIB.define("sampler_step_out(Tensor x_t, Tensor eps_c, Tensor? eps_u, Tensor? x_T, float a_t, float s_t, "
+            "float a_s, float s_s, float guidance, bool noise_correction, float clip, str backend, "
+            "Tensor(a!) x_next, Tensor(b!) x0) -> ()")
+
+
+def _sampler_step_out_impl(x_t, eps_c, eps_u, x_T, a_t, s_t, a_s, s_s, guidance, noise_correction, clip, backend,
+                           x_next, x0):
+    args = (x_t, eps_c, eps_u, x_T, a_t, s_t, a_s, s_s, guidance, noise_correction, clip)
+    ins = {"x_t": x_t, "eps_c": eps_c, "eps_u": eps_u, "x_T": x_T}
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*ins.values(), x_next, x0)):
+        raise ValueError(f"{OP}: out= does not support autograd, but an input requires grad; "
+                         f"call it under torch.no_grad() or without out=")
+    for oname, o in (("out[0] (x_next)", x_next), ("out[1] (x0)", x0)):
+        for iname, t in ins.items():
+            if t is not None and _shares_memory(o, t):
+                raise ValueError(f"{OP}: {oname} shares memory with {iname}; out= buffers must not alias "
+                                 f"the inputs (pass separate buffers, e.g. swap two of them between steps)")
+    if _shares_memory(x_next, x0):
+        raise ValueError(f"{OP}: out[0] (x_next) and out[1] (x0) share memory; pass two separate buffers")
+    # the backend the allocating op would use; written in place when it has an out= kernel
+    name = _dispatch.resolve(OP, x_t.device.type, backend or None, *args)
+    row = _dispatch.table(OP_OUT).get(name)
+    if row is not None and row.available():
+        row.impl(*args, x_next, x0)
+    else:
+        res = _dispatch.run(OP, name, *args)
+        x_next.copy_(res[0])
+        x0.copy_(res[1])
+    torch.autograd.graph.increment_version((x_next, x0))     # what an in-place op does
+
+
+_LIB.impl("sampler_step_out", _sampler_step_out_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("flashcore::sampler_step_out", lib=_LIB)
+def _(x_t, eps_c, eps_u, x_T, a_t, s_t, a_s, s_s, guidance, noise_correction, clip, backend, x_next, x0):
+    return None
+
+
+_sampler_step_out_op = torch.ops.flashcore.sampler_step_out.default
+
+
 def sampler_step(x_t: torch.Tensor, eps_c: torch.Tensor, *, a_t: float, s_t: float, a_s: float,
                  s_s: float, eps_u: torch.Tensor | None = None, x_T: torch.Tensor | None = None,
                  guidance: float = 1.0, noise_correction: bool = False, clip: float = 0.0,
-                 backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 backend: str | None = None,
+                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One noise-corrected DDIM update; see the module docstring for the maths.
 
     Args:
@@ -120,8 +203,10 @@ def sampler_step(x_t: torch.Tensor, eps_c: torch.Tensor, *, a_t: float, s_t: flo
         noise_correction: use ``x_T`` instead of ``eps_hat`` as the direction (t == T only).
         clip: clamp x0 to ``[-clip, clip]`` when > 0.
         backend: ``reference``/``cpp``/``cuda``/``triton``/``auto`` or None (context, env, auto).
+        out: optional pair ``(x_s, x0)`` of buffers to write into (shape, dtype and device of
+            ``x_t``; no memory shared with the inputs or each other; no autograd).
     Returns:
-        ``(x_s, x0)`` in the dtype of ``x_t``.
+        ``(x_s, x0)`` in the dtype of ``x_t``: the ``out`` tensors when given.
     """
     _checks.tensor(OP, "x_t", x_t)
     _checks.tensor(OP, "eps_c", eps_c, like=x_t, like_name="x_t")
@@ -141,5 +226,19 @@ def sampler_step(x_t: torch.Tensor, eps_c: torch.Tensor, *, a_t: float, s_t: flo
     s_s = _checks.scalar(OP, "s_s", s_s, lo=0.0)
     guidance = _checks.scalar(OP, "guidance", guidance)
     clip = _checks.scalar(OP, "clip", clip, lo=0.0)
+    if out is not None:
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise ValueError(f"{OP}: out must be a pair (x_next, x0) of tensors, got {type(out).__name__}")
+        x_next, x0 = out
+        _checks.tensor(OP, "out[0] (x_next)", x_next, like=x_t, like_name="x_t")
+        _checks.tensor(OP, "out[1] (x0)", x0, like=x_t, like_name="x_t")
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x_t, eps_c, eps_u, x_T, x_next, x0)):
+            # also checked in the op; here it is traced, so torch.compile reports it too
+            raise ValueError(f"{OP}: out= does not support autograd, but an input requires grad; "
+                             f"call it under torch.no_grad() or without out=")
+        _sampler_step_out_op(x_t, eps_c, eps_u, x_T, a_t, s_t, a_s, s_s, guidance, bool(noise_correction),
+                             clip, backend or "", x_next, x0)
+        return x_next, x0
     return _sampler_step_op(x_t, eps_c, eps_u, x_T, a_t, s_t, a_s, s_s, guidance,
                             bool(noise_correction), clip, backend or "")

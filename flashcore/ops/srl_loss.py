@@ -8,7 +8,8 @@ Notation: x_t = a_t x0 + s_t eps; the student predicts eps_S at (x_t, t).
 
 ``srl_loss`` returns the scalar loss (float32, float64 for float64 inputs);
 its fused kernels compute lines 1-3 in one pass and keep the gradient for
-backward, which only scales it by the incoming gradient. The gradient also
+backward, which only scales it by the incoming gradient (and returns it
+untouched when that is exactly 1, as in ``loss.backward()``). The gradient also
 flows to ``x_t`` (``dL/dx_t = -dL/deps_S / s_t``) and the target
 (``dL/dx0_T = (a_t / s_t) dL/deps_S``) if they require it; in distillation
 they do not, so only the student is trained.
@@ -25,6 +26,7 @@ the reference with a one-time warning.
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from . import _checks, _dispatch
 
@@ -67,15 +69,40 @@ def _(x_t, eps_s, x0_target, a_t, s_t, backend):
 def _setup(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.k = (inputs[3], inputs[4])
+    # The gradient output is internal (srl_loss returns the loss only): no zero-filled
+    # full-size tensor for its incoming gradient, which nothing ever reads.
+    ctx.set_materialize_grads(False)
+
+
+def _is_exactly_one(g: torch.Tensor) -> bool:
+    """Is the incoming gradient the literal 1 of ``loss.backward()``? Asked only of real
+    CPU scalars: under tracing the value is unknown, and on a GPU .item() would wait."""
+    if g.device.type != "cpu" or g.numel() != 1 or torch.compiler.is_compiling():
+        return False
+    if is_fake(g) or torch._C._functorch.is_functorch_wrapped_tensor(g):
+        return False
+    return g.item() == 1.0
 
 
 def _backward(ctx, g_loss, _g_grad):
+    """d loss/d eps_S was computed in the forward: scale it by the incoming gradient.
+
+    With ``g == 1`` (``loss.backward()``) the saved buffer is the gradient itself and is
+    returned as is: no pass over memory, no allocation. Otherwise one scaled copy per
+    input that needs it, the scalar factors folded first (one pass each)."""
+    if g_loss is None:
+        return None, None, None, None, None, None
     (grad_eps,) = ctx.saved_tensors
     a_t, s_t = ctx.k
-    g = g_loss.to(grad_eps.dtype)
-    g_eps = g * grad_eps if ctx.needs_input_grad[1] else None
-    g_xt = g * grad_eps * (-1.0 / s_t) if ctx.needs_input_grad[0] else None
-    g_tgt = g * grad_eps * (a_t / s_t) if ctx.needs_input_grad[2] else None
+    one = _is_exactly_one(g_loss)
+    g = g_loss      # fp32 (fp64) 0-dim: the products stay in grad_eps's dtype, computed in fp32
+    g_eps = g_xt = g_tgt = None
+    if ctx.needs_input_grad[1]:
+        g_eps = grad_eps if one else grad_eps * g
+    if ctx.needs_input_grad[0]:
+        g_xt = grad_eps * (g * (-1.0 / s_t))                  # dL/dx_t = -dL/deps_S / s_t
+    if ctx.needs_input_grad[2]:
+        g_tgt = grad_eps * (g * (a_t / s_t))                  # dL/dx0_T = (a_t / s_t) dL/deps_S
     return g_xt, g_eps, g_tgt, None, None, None
 
 
