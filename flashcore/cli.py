@@ -152,13 +152,16 @@ def cmd_generate(a) -> int:
 
 
 DEFAULT_STUDENT = os.path.join(_ROOT, "checkpoints", "mnist-student-3step")
+DEFAULT_STUDENT_1STEP = os.path.join(_ROOT, "checkpoints", "mnist-student-1step")
 
 
 def _add_demo(sub):
     p = sub.add_parser("demo", help="the shipped teacher at 50 CFG steps beside the distilled student at "
                                     "1, 2 and 3 steps: one picture, the time per image of each")
     p.add_argument("--teacher", default=DEFAULT_TEACHER)
-    p.add_argument("--student", default=DEFAULT_STUDENT)
+    p.add_argument("--student", default=DEFAULT_STUDENT, help="the student for the 3- and 2-step rows")
+    p.add_argument("--student-1step", default=DEFAULT_STUDENT_1STEP,
+                   help="a student distilled for 1 step, for the 1-step row ('' or missing: --student at 1 step)")
     p.add_argument("--teacher-steps", type=_positive, default=50)
     p.add_argument("--per-class", type=_positive, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -177,13 +180,20 @@ def cmd_demo(a) -> int:
     from flashcore.models import load_pretrained
     teacher, tmeta = load_pretrained(a.teacher, kinds=("teacher",))
     student, smeta = load_pretrained(a.student, kinds=("student",))
-    if teacher.cfg != student.cfg:
-        raise ValueError(f"demo: the student {a.student!r} does not have the teacher's architecture")
+    one = None
+    if a.student_1step and os.path.exists(os.path.join(a.student_1step, "config.json")):
+        one = load_pretrained(a.student_1step, kinds=("student",))
+    for m, path in ((student, a.student), (one[0] if one else student, a.student_1step)):
+        if teacher.cfg != m.cfg:
+            raise ValueError(f"demo: the student {path!r} does not have the teacher's architecture")
     guidance = float(tmeta.get("guidance") or 1.0)
     labels = torch.arange(teacher.cfg.num_classes).repeat(a.per_class)
     max_steps = int(smeta.get("steps") or 3)
     runs = [(teacher, tmeta, a.teacher_steps, guidance, f"teacher, {a.teacher_steps} steps, CFG {guidance:g}")]
-    runs += [(student, smeta, s, 1.0, f"student, {s} step{'s' if s > 1 else ''}") for s in range(max_steps, 0, -1)]
+    runs += [(student, smeta, s, 1.0, f"{max_steps}-step student, {s} step{'s' if s > 1 else ''}")
+             for s in range(max_steps, 1 if one else 0, -1)]
+    if one:
+        runs.append((one[0], one[1], 1, 1.0, "1-step student, 1 step"))
     rows, times = [], []
     for model, meta, steps, g, name in runs:
         nc = bool(meta.get("noise_correction", True))
