@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 from flashcore.engine import BUCKETS, Engine, FlashcoreLinear, bucket_for, coefficient_table, engine_update
 from flashcore.evaluate import generate
 from flashcore.models import Denoiser
-from flashcore.ops import available_backends
+from flashcore.ops import _dispatch, available_backends
 from flashcore.sampler import sample
 from flashcore.testing import spy_backends
 from flashcore.schedule import NoiseSchedule, trailing_grid
@@ -100,6 +100,7 @@ def test_linear_option_runs_onednn_on_a_copy_and_stays_close(monkeypatch):
     assert Engine(model, sch, steps=3).linear
     assert not Engine(model, sch, steps=3, compile=False).linear
     assert not Engine(model, sch, steps=3, dtype=torch.bfloat16).linear
+    assert not Engine(model, sch, steps=3).fuse_qkv                   # unfrozen: the copy shares every weight
     x_T = _noise(3, (1, 16, 16))
     ref = sample(model, labels, schedule=sch, steps=3, shape=(1, 16, 16), guidance=2.0, x_T=x_T)
     calls = spy_backends(monkeypatch, "linear")
@@ -152,6 +153,25 @@ def test_compiled_dit_step_is_one_graph_across_steps_and_calls():
     ref4 = sample(model, torch.tensor([1, 2, 3, 4]), schedule=sch, steps=3, shape=(1, 16, 16), guidance=2.0,
                   x_T=_noise(4, (1, 16, 16), seed=1))
     torch.testing.assert_close(again, ref4, rtol=1e-4, atol=1e-4)
+
+
+def test_frozen_float32_engine_fuses_qkv_and_stays_close(monkeypatch):
+    """Compiled with freeze and the oneDNN linear, self-attention's q/k/v run as one
+    GEMM on stacked copies of the weights (N = 3C), within the compiled tolerance."""
+    if "onednn" not in available_backends("linear"):
+        pytest.skip("torch built without oneDNN")
+    torch.manual_seed(0)
+    model = Denoiser(TINY_DIT).eval()
+    sch, labels = NoiseSchedule(), torch.tensor([0, 5, 9])
+    x_T = _noise(3, (1, 16, 16))
+    ref = sample(model, labels, schedule=sch, steps=3, shape=(1, 16, 16), guidance=2.0, x_T=x_T)
+    eng = Engine(model, sch, steps=3, guidance=2.0, freeze=True)
+    assert eng.linear and eng.fuse_qkv
+    row = _dispatch.table("linear")["onednn"]
+    outs = []
+    monkeypatch.setattr(row, "impl", lambda x, w, *a, _impl=row.impl: outs.append(w.shape[0]) or _impl(x, w, *a))
+    torch.testing.assert_close(eng.sample(labels, x_T=x_T), ref, rtol=1e-4, atol=1e-4)
+    assert 3 * TINY_DIT.num_heads * TINY_DIT.head_dim in outs
 
 
 def test_compiled_whole_sampler_is_one_graph(conv):

@@ -246,3 +246,47 @@ def test_transform_leaves_subclasses_hooked_and_shared_layers_alone():
     torch.testing.assert_close(model(x), model[4](shared(shared(hooked(model[0](x))))))
     with pytest.raises(ValueError, match="itself an nn.Linear"):
         use_flashcore_linear(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("cfg", [TINY_DIT, TINY_UNET], ids=["dit", "unet"])
+def test_fused_qkv_matches_unfused_and_keeps_parameters(monkeypatch, cfg):
+    """One GEMM per self-attention on stacked copies of q/k/v: the same output as the
+    unfused copy within the error rule, two fewer linear calls per attention, the
+    same Parameter objects and state_dict; the copies are a snapshot (frozen weights)."""
+    model = Denoiser(cfg).eval()
+    unfused, fused = flashcore_linear_copy(model), flashcore_linear_copy(model, fuse_qkv=True)
+    attns = [m for m in fused.modules() if getattr(m, "fused_projections", False)]
+    assert attns and all(isinstance(m.to_qkv, FlashcoreLinear) for m in attns)
+    assert list(fused.state_dict()) == list(model.state_dict())
+    assert all(p is q for p, q in zip(fused.parameters(), model.parameters()))
+    assert not any(hasattr(m, "to_qkv") for m in model.modules())          # the original is untouched
+    inputs = _model_inputs()
+    calls = testing.spy_backends(monkeypatch, OP)
+    with torch.no_grad():
+        out = fused(*inputs)
+        n_fused = len(calls)
+        want = unfused(*inputs)
+        assert len(calls) - n_fused == n_fused + 2 * len(attns)
+        oracle = copy.deepcopy(model).double()(inputs[0].double(), *inputs[1:])
+        testing.assert_close_to_oracle(out, model(*inputs), oracle)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        q = attns[0].to_q.weight
+        q.mul_(3.0)                                                          # shared with the model
+        torch.testing.assert_close(attns[0].to_qkv.weight[:q.shape[0]] * 3.0, q)   # the copy did not follow
+
+
+def test_processor_runs_diffusers_fused_projections():
+    """diffusers' own ``Attention.fuse_projections()`` (to_qkv) runs through FlashcoreAttnProcessor."""
+    model = Denoiser(TINY_DIT).eval()
+    fused = copy.deepcopy(model)
+    for m in fused.modules():
+        if hasattr(m, "fuse_projections") and not m.is_cross_attention:
+            m.fuse_projections()
+    ran = []
+    for m in fused.modules():
+        if getattr(m, "fused_projections", False):
+            m.to_qkv.register_forward_hook(lambda *a: ran.append(1))
+    inputs = _model_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(*inputs), model(*inputs), rtol=1e-5, atol=1e-5)
+    assert len(ran) == TINY_DIT.num_layers

@@ -20,6 +20,10 @@
   so the eager engine stays bit-equal to ``sampler.sample`` (oneDNN sums in
   another order: ~1e-6 apart) and bf16 keeps inductor's own oneDNN packing
   of the frozen weights;
+  with ``freeze`` on as well, self-attention's q/k/v projections also become
+  one GEMM on stacked copies of their weights (``linear.py``, "Fused QKV"):
+  a frozen graph keeps its first call's weights anyway, and only there may the
+  copy stop following the model's parameters;
 - compile time kept apart: ``engine.compile_seconds`` sums the first call of
   every (bucket, graph) pair, which is where dynamo and inductor do their work.
 
@@ -81,8 +85,9 @@ class Engine:
         dtype: float32, or bfloat16 to run the network under autocast.
         compile: torch.compile the step (or the whole sampler, ``graph="sampler"``).
         freeze: inductor freezing; "auto" turns it on for bfloat16 only. Frozen
-            graphs keep the weights of their first call: build a new Engine
-            after changing the model's weights (e.g. between training rounds).
+            graphs keep the weights of their first call (the fused q/k/v copies,
+            see ``linear``: of construction): build a new Engine after changing
+            the model's weights (e.g. between training rounds).
         buckets: batch sizes to pad up to; default ``BUCKETS`` when compiled,
             none in eager mode (where padding buys nothing).
         graph: "step" compiles one step, reused at every grid position (the
@@ -92,6 +97,7 @@ class Engine:
             ``flashcore.ops.linear`` (oneDNN on the CPU), with diffusers'
             feed-forward GELU fused in. "auto": on for compiled float32 engines
             when oneDNN is built (see the module docstring for why not eager).
+            Compiled with ``freeze`` too, self-attention q/k/v run as one fused GEMM.
         mode: torch.compile mode (None is inductor's default).
         backend: flashcore backend for the update (None: context, env, auto).
         cache_dir: inductor cache directory (the cache is on either way).
@@ -122,7 +128,9 @@ class Engine:
         self.linear = (self.compiled and dtype == torch.float32 and "onednn" in ops.available_backends("linear")
                        if linear == "auto" else bool(linear))
         # what the steps call: the model, or a copy of its module tree sharing every parameter
-        net = flashcore_linear_copy(self.model) if self.linear else self.model
+        # (but for the stacked q/k/v copies, made only where the weights are frozen anyway)
+        self.fuse_qkv = self.linear and self.compiled and self.freeze
+        net = flashcore_linear_copy(self.model, fuse_qkv=self.fuse_qkv) if self.linear else self.model
         self.buckets = (BUCKETS if compile else None) if buckets == "auto" else (tuple(buckets) if buckets else None)
         self.shape = tuple(shape) if shape is not None else (model.cfg.channels, model.cfg.sample_size,
                                                                model.cfg.sample_size)

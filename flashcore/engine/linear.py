@@ -14,6 +14,20 @@ post-op on the GEMM output; its child is still called ``proj``.
 Left alone: subclasses of ``nn.Linear`` (their forward may differ; e.g.
 ``nn.MultiheadAttention``'s ``out_proj`` is never called as a module),
 parametrised layers (weight norm) and layers with forward hooks.
+
+Fused QKV (``fuse_qkv=True``, off by default): a self-attention's ``to_q``,
+``to_k``, ``to_v`` read the same input, so one GEMM against the stacked (3C, K)
+weight replaces three (DiT-S/2, M = 256 tokens, one thread: 1.15 -> 1.04 ms a
+block, two fewer op calls). oneDNN needs that weight in one tensor, so it is a
+copy: a non-persistent buffer taken when the transform runs, which does not
+follow later updates of the model's weights. That breaks the promise above
+(in-place updates reach the copy), and no cheap check can restore it: in-place
+writes through ``.data`` leave the version counter alone, and re-stacking on
+every call costs more than the fusion saves. So it is for frozen inference
+weights only; the Engine turns it on only where it already keeps the weights of
+its first call (compiled with ``freeze``). Parameters, ``state_dict`` keys and
+the unfused ``to_q``/``to_k``/``to_v`` (still used for cross-attention) are
+unchanged; ``FlashcoreAttnProcessor`` reads ``to_qkv``.
 """
 from __future__ import annotations
 
@@ -24,19 +38,25 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import ops
+from ..models.attention_processor import FlashcoreAttnProcessor
 
 _GELU_ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}      # diffusers' ``approximate`` -> ops.linear
 
 
 class FlashcoreLinear(nn.Module):
-    """``nn.Linear``'s forward through ``flashcore.ops.linear``, on shared parameters."""
+    """``nn.Linear``'s forward through ``flashcore.ops.linear``, on shared parameters
+    (or, given plain tensors, on non-persistent buffers: the fused QKV copy)."""
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, activation: str = "none",
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none",
                  backend: str | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.weight = weight
-        self.register_parameter("bias", bias)
+        if isinstance(weight, nn.Parameter):
+            self.weight = weight
+            self.register_parameter("bias", bias)
+        else:
+            self.register_buffer("weight", weight, persistent=False)
+            self.register_buffer("bias", bias, persistent=False)
         self.activation, self.backend = activation, backend
 
     @classmethod
@@ -75,15 +95,44 @@ def _diffusers_gelu():
     return GELU
 
 
-def use_flashcore_linear(model: nn.Module, *, fuse_gelu: bool = True, backend: str | None = None) -> int:
+def _fusable_self_attention(m: nn.Module) -> bool:
+    """A diffusers ``Attention`` run by flashcore's processor (which reads ``to_qkv``),
+    not cross-attention, not fused already, with three plain projections that agree."""
+    if not (isinstance(getattr(m, "processor", None), FlashcoreAttnProcessor)
+            and getattr(m, "is_cross_attention", True) is False and not getattr(m, "fused_projections", False)):
+        return False
+    projs = [getattr(m, n, None) for n in ("to_q", "to_k", "to_v")]
+    if not all(p is not None and _swappable(p) for p in projs):
+        return False
+    ref = projs[0].weight
+    return all(p.in_features == projs[0].in_features and (p.bias is None) == (projs[0].bias is None)
+               and p.weight.dtype == ref.dtype and p.weight.device == ref.device for p in projs)
+
+
+def _fuse_qkv(attn: nn.Module, backend: str | None) -> None:
+    """Give ``attn`` a ``to_qkv`` on stacked copies of its q/k/v weights (see the module docstring)."""
+    projs = (attn.to_q, attn.to_k, attn.to_v)
+    with torch.no_grad():
+        weight = torch.cat([p.weight for p in projs])                               # (3C, K)
+        bias = None if projs[0].bias is None else torch.cat([p.bias for p in projs])  # (3C,)
+    attn.to_qkv = FlashcoreLinear(weight, bias, "none", backend).train(attn.training)
+    attn.fused_projections = True
+
+
+def use_flashcore_linear(model: nn.Module, *, fuse_gelu: bool = True, fuse_qkv: bool = False,
+                         backend: str | None = None) -> int:
     """Swap, in place, every plain ``nn.Linear`` under ``model`` (and, with
     ``fuse_gelu``, every diffusers ``GELU`` feed-forward projection) for the
     flashcore modules above. Returns the number of linear layers now routed
     through ``flashcore.ops.linear``. Use ``flashcore_linear_copy`` to leave
-    ``model`` itself untouched."""
+    ``model`` itself untouched. ``fuse_qkv`` adds stacked q/k/v copies for
+    self-attention: frozen inference weights only (module docstring)."""
     if _swappable(model):
         raise ValueError("use_flashcore_linear: model is itself an nn.Linear; use "
                          "FlashcoreLinear.from_linear(model) instead")
+    if fuse_qkv:
+        for m in [m for m in model.modules() if _fusable_self_attention(m)]:
+            _fuse_qkv(m, backend)
     gelu_cls = _diffusers_gelu() if fuse_gelu else None
     done: dict[int, nn.Module] = {}          # a module shared at two places gets one replacement
 
@@ -109,12 +158,14 @@ def use_flashcore_linear(model: nn.Module, *, fuse_gelu: bool = True, backend: s
     return sum(isinstance(m, FlashcoreLinear) for m in model.modules())
 
 
-def flashcore_linear_copy(model: nn.Module, *, fuse_gelu: bool = True, backend: str | None = None) -> nn.Module:
+def flashcore_linear_copy(model: nn.Module, *, fuse_gelu: bool = True, fuse_qkv: bool = False,
+                          backend: str | None = None) -> nn.Module:
     """A copy of ``model``'s module tree with ``use_flashcore_linear`` applied, sharing
     every parameter and buffer with ``model`` (nothing is copied but the module
     objects): in-place weight updates and ``load_state_dict`` on ``model`` reach
-    the copy, and ``model`` keeps its own forward."""
+    the copy, and ``model`` keeps its own forward. Except with ``fuse_qkv``: the
+    stacked q/k/v weights are copies taken now, for frozen inference weights."""
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
     clone = copy.deepcopy(model, memo)
-    use_flashcore_linear(clone, fuse_gelu=fuse_gelu, backend=backend)
+    use_flashcore_linear(clone, fuse_gelu=fuse_gelu, fuse_qkv=fuse_qkv, backend=backend)
     return clone

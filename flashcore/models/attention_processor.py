@@ -4,6 +4,11 @@ It keeps diffusers' ``Attention`` module as it is (projections, norms,
 residual, rescale) and replaces only the softmax(q k^T) v in the middle, so a
 diffusers model runs flashcore's kernels through the public processor API
 (``model.set_attn_processor(FlashcoreAttnProcessor())``).
+
+Fused projections: when the module carries ``to_qkv`` with ``fused_projections``
+set (diffusers' ``Attention.fuse_projections()``, or the engine's frozen copy,
+``flashcore/engine/linear.py``), self-attention runs one (..., 3C) GEMM instead of
+three and splits the result; cross-attention still uses ``to_q``/``to_k``/``to_v``.
 """
 from __future__ import annotations
 
@@ -34,7 +39,12 @@ class FlashcoreAttnProcessor:
         ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if encoder_hidden_states is not None and attn.norm_cross:
             ctx = attn.norm_encoder_hidden_states(ctx)
-        q, k, v = attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx)  # (B, N, H*D)
+        if encoder_hidden_states is None and getattr(attn, "fused_projections", False) \
+                and getattr(attn, "to_qkv", None) is not None:
+            sizes = (attn.to_q.out_features, attn.to_k.out_features, attn.to_v.out_features)
+            q, k, v = attn.to_qkv(hidden_states).split(sizes, dim=-1)     # views of (B, N, 3 H*D)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx)  # (B, N, H*D)
         bsz, heads = q.shape[0], attn.heads
         d = k.shape[-1] // heads
         q = q.view(bsz, -1, heads, d).transpose(1, 2)                      # (B, H, N, D)

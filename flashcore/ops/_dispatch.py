@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 BACKENDS = ("reference", "cpp", "cuda", "triton", "onednn")
+_NAMES = frozenset(BACKENDS + ("auto",))
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "onednn", "reference")}
 _local = threading.local()
 _warned: set[tuple[str, str, str]] = set()
@@ -83,13 +84,14 @@ def use_backend(name: str):
 
 
 def requested_backend(explicit: str | None = None) -> str:
+    # read on every call (a few hundred ns): the context stack and the environment may
+    # change between calls, and the precedence above is the contract
     if explicit is not None:
         name = explicit
-    elif getattr(_local, "stack", None):
-        name = _local.stack[-1]
     else:
-        name = os.environ.get("FLASHCORE_BACKEND", "auto") or "auto"
-    if name not in BACKENDS + ("auto",):
+        stack = getattr(_local, "stack", None)
+        name = stack[-1] if stack else (os.environ.get("FLASHCORE_BACKEND") or "auto")
+    if name not in _NAMES:
         raise ValueError(f"backend: unknown backend {name!r}; expected one of {BACKENDS + ('auto',)}")
     return name
 

@@ -13,6 +13,8 @@ the input is flattened to (M, K) (a copy only when the view cannot be made).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _dispatch
@@ -22,6 +24,7 @@ _DTYPES = (torch.float32, torch.bfloat16)
 _POST_OPS = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
 
 
+@functools.cache          # a property of the torch build, asked on every call otherwise
 def _available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -38,6 +41,8 @@ def _supports(x, weight, bias, activation) -> str | None:
 
 def _linear(x, weight, bias, activation):
     attr, algorithm = _POST_OPS[activation]
+    if x.dim() == 2:                                                     # the reshapes cost ~1 us a call
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
     x2 = x.reshape(-1, x.shape[-1])                                      # (M, K)
     y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, attr, [], algorithm)   # (M, N)
     return y.reshape(x.shape[:-1] + (weight.shape[0],))
