@@ -3,7 +3,7 @@
 Both run on the same engine and the same network (the student is a copy of the
 teacher's architecture, so its cost per step is the teacher's cost per NFE):
 the student does 3 steps x 1 NFE, the teacher 50 steps x 2 NFE (one 2B batch).
-Weights: checkpoints/mnist-teacher when it exists (and checkpoints/mnist-student
+Weights: checkpoints/mnist-teacher when it exists (and checkpoints/mnist-student-3step
 for the student, else the teacher's weights: latency does not depend on them),
 otherwise the shipped UNet config with random weights; the markdown says which.
 
@@ -36,7 +36,7 @@ NOTES: list[str] = ["value: ms per image (p50 of a whole sampler call / batch); 
 
 def load_models(quick: bool):
     """(teacher, student, guidance, schedule, description of the weights)."""
-    teacher_dir, student_dir = CHECKPOINTS / "mnist-teacher", CHECKPOINTS / "mnist-student"
+    teacher_dir, student_dir = CHECKPOINTS / "mnist-teacher", CHECKPOINTS / "mnist-student-3step"
     if not quick and teacher_dir.is_dir():
         teacher, meta = load_pretrained(str(teacher_dir), kinds=("teacher",))
         what = f"teacher weights from {teacher_dir.name}"

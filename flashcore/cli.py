@@ -293,8 +293,11 @@ def _add_ablate(sub):
 def cmd_ablate(a) -> int:
     from flashcore.train.ablate import ablate
     cfg = _distill_config(a)
+    command = " ".join(["flashcore ablate"] + _distill_command_flags(cfg) + ["--out", a.out, "--samples", str(a.samples)]
+                       + (["--variants", a.variants] if a.variants else []))
     res = ablate(cfg, a.out, cfg.classifier, samples=a.samples,
-                 variants=a.variants.split(",") if a.variants else None, flags_of=_distill_command_flags)
+                 variants=a.variants.split(",") if a.variants else None, flags_of=_distill_command_flags,
+                 command=command)
     print(open(os.path.join(a.out, "ablation.md")).read())
     print(f"table: {os.path.join(a.out, 'ablation.md')}, picture: {os.path.join(a.out, 'ablation.png')}, "
           f"{len(res['rows'])} rows")

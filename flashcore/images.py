@@ -43,16 +43,21 @@ def labelled_rows(rows: list[tuple[str, torch.Tensor]], path: str, title: str | 
     import matplotlib.pyplot as plt
     strips = [grid(x, nrow=len(x), pad=1) for _, x in rows]
     h, w = strips[0].shape[:2]
-    fig, axes = plt.subplots(len(rows), 1, figsize=(max(6.0, w / 28 + 3.2), 0.35 + len(rows) * (h / 28 + 0.25)),
-                             squeeze=False)
-    for ax, (label, _), s in zip(axes[:, 0], rows, strips):
+    label_in = 0.09 * max(len(line) for label, _ in rows for line in label.splitlines()) + 0.3
+    img_w, img_h = w / 28, h / 28                       # inches: a 28-pixel digit is an inch wide
+    top_in = 0.45 if title else 0.15
+    row_in = img_h + 0.15
+    fig_w, fig_h = label_in + img_w + 0.15, top_in + len(rows) * row_in
+    fig = plt.figure(figsize=(fig_w, fig_h))
+    for k, ((label, _), s) in enumerate(zip(rows, strips)):
+        bottom = fig_h - top_in - (k + 1) * row_in + 0.075
+        ax = fig.add_axes((label_in / fig_w, bottom / fig_h, img_w / fig_w, img_h / fig_h))
         ax.imshow(s[..., 0] if s.shape[-1] == 1 else s, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+        fig.text((label_in - 0.1) / fig_w, (bottom + img_h / 2) / fig_h, label, ha="right", va="center", fontsize=9)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=10, y=1 - 0.12 / fig_h, va="top")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)

@@ -63,7 +63,8 @@ def row_command(cfg: DistillConfig, run_dir: str, flag: str, flags_of) -> str:
 
 
 def ablate(base: DistillConfig, out: str, classifier: str, *, samples: int = 1000,
-           variants: list[str] | None = None, flags_of=None, progress: bool = True) -> dict:
+           variants: list[str] | None = None, flags_of=None, progress: bool = True,
+           command: str | None = None) -> dict:
     """Train and evaluate every variant; returns the results dict written to ablation.json."""
     from flashcore.evaluate import generate
     from flashcore.images import labelled_rows
@@ -94,7 +95,7 @@ def ablate(base: DistillConfig, out: str, classifier: str, *, samples: int = 100
     teacher_evals = {s: _eval_cached(os.path.join(tdir, f"eval-{s}step.json"), base.teacher, classifier, s,
                                      samples, guidance=base.guidance)
                      for s in list(range(1, n + 1)) + [TEACHER_REFERENCE_STEPS]}
-    result = {"steps": n, "iters": base.iters, "seed": base.seed, "samples": samples, "teacher": base.teacher,
+    result = {"command": command, "steps": n, "iters": base.iters, "seed": base.seed, "samples": samples, "teacher": base.teacher,
               "classifier": classifier, "config": dataclasses.asdict(base), "rows": rows,
               "teacher_rows": teacher_evals}
     write_json(os.path.join(out, "ablation.json"), result)
@@ -118,6 +119,12 @@ def ablate(base: DistillConfig, out: str, classifier: str, *, samples: int = 100
     return result
 
 
+def _shown(path: str) -> str:
+    """A path as the table shows it: relative to the working directory when inside it."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
 def markdown(res: dict) -> str:
     n = res["steps"]
     cols = list(range(1, n + 1))
@@ -125,8 +132,11 @@ def markdown(res: dict) -> str:
                                                                                         "selected iter"]
     lines = [f"# Ablation: {n}-step students, {res['iters']} iterations each, seed {res['seed']}", "",
              f"FD and accuracy from `flashcore eval` ({res['samples']} samples, seed 0, classifier "
-             f"`{res['classifier']}`, FD against the eval split). Every student is the EMA checkpoint the "
-             "validation FD (train split, seed 1) picked during its run.", "",
+             f"`{_shown(res['classifier'])}`, FD against the eval split). Every student is the EMA checkpoint the "
+             "validation FD (train split, seed 1) picked during its run."]
+    if res.get("command"):
+        lines += ["", f"Produced by `{res['command']}`."]
+    lines += ["",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     t = res["teacher_rows"]
     t = {int(k): v for k, v in t.items()}
