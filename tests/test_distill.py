@@ -246,3 +246,34 @@ def test_ablate_writes_table_and_picture_and_does_not_retrain(tiny_teacher, tiny
     assert os.path.getmtime(state) == before
     assert cli.main(args[:-1] + ["full,nope"]) == 1
     assert "unknown variant" in capsys.readouterr().err
+
+
+def test_student_teacher_shape_mismatch_is_a_clear_error(tiny_teacher, tmp_path, capsys):
+    """Resuming a run after its teacher was replaced by another architecture, and a
+    demo given a student of another shape than its teacher, both say so."""
+    run = str(tmp_path / "run")
+    distill(cfg_for(tiny_teacher), run, progress=False, max_iters_this_call=2)
+    other = dataclasses.replace(TINY_UNET, block_out_channels=(16, 32))
+    save_pretrained(Denoiser(other), tiny_teacher, {"kind": "teacher", "guidance": 2.0, "data": "digits",
+                                                    "schedule": {"kind": "scaled_linear"}})
+    with pytest.raises(CheckpointError, match="do not fit the model"):
+        distill(cfg_for(tiny_teacher), run, resume=True, progress=False)
+    small_student = str(tmp_path / "student")
+    save_pretrained(Denoiser(TINY_UNET), small_student, {"kind": "student", "data": "digits", "steps": 3,
+                                                         "schedule": {"kind": "scaled_linear"}})
+    assert cli.main(["demo", "--teacher", tiny_teacher, "--student", small_student, "--student-1step", "",
+                     "--teacher-steps", "2", "--out", str(tmp_path / "d.png")]) == 1
+    assert "does not have the teacher's architecture" in capsys.readouterr().err
+
+
+def test_demo_puts_teacher_and_students_side_by_side(tiny_teacher, tmp_path, capsys):
+    student = str(tmp_path / "student")
+    save_pretrained(Denoiser(TINY_UNET), student, {"kind": "student", "data": "digits", "steps": 3,
+                                                   "schedule": {"kind": "scaled_linear"}})
+    out = str(tmp_path / "demo.png")
+    assert cli.main(["demo", "--teacher", tiny_teacher, "--student", student, "--student-1step", student,
+                     "--teacher-steps", "2", "--per-class", "1", "--out", out]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines[:4]] == ["teacher,", "3-step", "3-step", "1-step"]
+    assert all("ms/image" in ln for ln in lines[:4])
+    assert os.path.getsize(out) > 1000

@@ -97,7 +97,12 @@ def load_state(run_dir: str, modules: dict[str, torch.nn.Module],
     tensors = ck.read_tensors(os.path.join(sdir, "weights.safetensors"), st["sha256"])
     for name, m in modules.items():
         pre = f"{name}/"
-        m.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
+        try:
+            m.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
+        except RuntimeError as e:       # missing keys or size mismatches: another architecture
+            first = str(e).strip().splitlines()[-1].strip()
+            raise ck.CheckpointError(f"checkpoint: the {name!r} weights in {run_dir!r} do not fit the model "
+                                     f"built now (was the teacher replaced by another architecture?): {first}") from None
     for name, opt in optimizers.items():
         ck.optimizer_from_flat(opt, tensors, st["optimizers"][name], f"opt_{name}")
     for name, g in generators.items():
