@@ -16,7 +16,6 @@ allocated once (``out=``), as a sampler loop does.
 """
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
@@ -77,21 +76,15 @@ def run(quick: bool = False, providers=None, log=None) -> list[dict]:
     variants = ["sampler_step"] if quick else list(VARIANTS)
     timing = dict(warmup=1, repeats=3, min_sample_ms=0.2) if quick else dict(warmup=3, repeats=25)
     for name in variants:
-        teacher, n_in, n_out = VARIANTS[name]
+        teacher, _, n_out = VARIANTS[name]
         for dtype in dtypes:
             # the GB/s size last: 16 MiB a tensor (B.bandwidth_shape): teacher variant 101 MB, student 67 MB
-            shapes = [LATENTS[0], (16, 4, 64, 64)] if quick else LATENTS + [B.bandwidth_shape(dtype)]
+            shapes = B.elementwise_shapes(dtype, LATENTS, quick)
             for shape in shapes:
                 xs = _inputs(shape, dtype, teacher)
-                work = math.prod(shape) * xs[0].element_size() * (n_in + n_out)
-                unit = "GB/s" if shape == shapes[-1] else "us"
-                copy_gbps = None
-                if unit == "GB/s":
-                    copy_rows, copy_gbps = B.copy_baseline(work, copies)
-                    rows += copy_rows
-                rows += B.bench_case(name, shape, dtype, _providers(teacher, xs), unit=unit, work=work,
-                                     providers=providers, timing=timing, log=log, notes=PROVIDER_NOTES,
-                                     copy_gbps=copy_gbps)
+                rows += B.elementwise_case(name, shape, dtype, xs, n_out, _providers(teacher, xs),
+                                           bandwidth=shape == shapes[-1], copies=copies, providers=providers,
+                                           timing=timing, log=log, notes=PROVIDER_NOTES)
     return rows
 
 

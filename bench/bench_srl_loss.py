@@ -16,7 +16,6 @@ GB/s counts the same minimal traffic (3 tensors read, 1 written).
 """
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
@@ -90,18 +89,13 @@ def run(quick: bool = False, providers=None, log=None) -> list[dict]:
     for op, (n_in, n_out) in OPS.items():
         for dtype in dtypes:
             # the GB/s size last: 16 MiB a tensor (B.bandwidth_shape): srl_loss 67 MB, srl_renoise 50 MB
-            shapes = [LATENTS[0], (16, 4, 64, 64)] if quick else LATENTS + [B.bandwidth_shape(dtype)]
+            shapes = B.elementwise_shapes(dtype, LATENTS, quick)
             for shape in shapes:
                 g = torch.Generator().manual_seed(0)
                 xs = [torch.randn(shape, generator=g).to(dtype) for _ in range(n_in)]
-                work = math.prod(shape) * xs[0].element_size() * (n_in + n_out)
-                unit = "GB/s" if shape == shapes[-1] else "us"
-                copy_gbps = None
-                if unit == "GB/s":
-                    copy_rows, copy_gbps = B.copy_baseline(work, copies)
-                    rows += copy_rows
-                rows += B.bench_case(op, shape, dtype, _providers(op, xs), unit=unit, work=work,
-                                     providers=providers, timing=timing, log=log, copy_gbps=copy_gbps)
+                rows += B.elementwise_case(op, shape, dtype, xs, n_out, _providers(op, xs),
+                                           bandwidth=shape == shapes[-1], copies=copies, providers=providers,
+                                           timing=timing, log=log)
     return rows
 
 

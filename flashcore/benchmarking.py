@@ -351,6 +351,26 @@ def _max_err(out, ref) -> float:
     return max((o.double() - r.double()).abs().max().item() for o, r in zip(outs, refs))
 
 
+def elementwise_shapes(dtype: torch.dtype, latents: list, quick: bool) -> list:
+    """The shapes of an element-wise benchmark: the model latents (microseconds), then
+    the GB/s size last (``bandwidth_shape``; a small stand-in under ``--quick``)."""
+    return [latents[0], (16, 4, 64, 64)] if quick else list(latents) + [bandwidth_shape(dtype)]
+
+
+def elementwise_case(name: str, shape, dtype, xs: list[torch.Tensor], n_out: int,
+                     provs: dict[str, Callable[[], object]], *, bandwidth: bool, copies: dict[int, float],
+                     **kw) -> list[dict]:
+    """``bench_case`` for an element-wise op reading ``xs`` and writing ``n_out`` tensors
+    of their size: microseconds at model sizes; at the bandwidth size GB/s of the
+    minimum traffic, beside a copy of the same footprint measured in the same run."""
+    work = math.prod(shape) * xs[0].element_size() * (len(xs) + n_out)
+    rows, copy_gbps = [], None
+    if bandwidth:
+        rows, copy_gbps = copy_baseline(work, copies)
+    return rows + bench_case(name, shape, dtype, provs, unit="GB/s" if bandwidth else "us", work=work,
+                             copy_gbps=copy_gbps, **kw)
+
+
 def bench_case(name: str, shape, dtype, provs: dict[str, Callable[[], object]], *, unit: str, work: float,
                providers: tuple[str, ...] | None = None, timing: dict | None = None,
                log: Callable[[str], None] | None = None, notes: dict[str, str] | None = None,
