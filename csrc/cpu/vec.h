@@ -51,9 +51,8 @@ inline To cvt(From x) {
 // x = n ln2 + r, |r| <= ln2/2, e^r by Cephes' minimax polynomial, 2^n through the exponent
 // bits; about 1 ulp. Inputs below -87.3 give ~1e-38 rather than 0, which is below
 // anything a softmax sum can see.
-inline float exp_f(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.3f ? 88.3f : x;
+// exp_in_range is the polynomial core, for x already in [-87.3, 88.3].
+inline float exp_in_range(float x) {
   const float t = x * 1.44269504088896341f;
   const float n = (t + 12582912.f) - 12582912.f;  // round to nearest without a libm call
   float r = x - n * 0.693359375f;
@@ -68,25 +67,17 @@ inline float exp_f(float x) {
   const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
   return p * __builtin_bit_cast(float, e);
 }
+inline float exp_f(float x) {
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.3f ? 88.3f : x;
+  return exp_in_range(x);
+}
 inline double exp_f(double x) { return std::exp(x); }
 
 // exp for arguments <= 0 (softmax after the row max is taken out): one clamp fewer.
 // NaN still comes out NaN; +inf is not expected here.
 inline float exp_nonpos(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  const float t = x * 1.44269504088896341f;
-  const float n = (t + 12582912.f) - 12582912.f;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  return p * __builtin_bit_cast(float, e);
+  return exp_in_range(x < -87.3f ? -87.3f : x);
 }
 inline double exp_nonpos(double x) { return std::exp(x); }
 
