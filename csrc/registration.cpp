@@ -26,6 +26,8 @@ TORCH_LIBRARY(flashcore_C, m) {
   m.def("srl_loss(Tensor x_t, Tensor eps_s, Tensor x0_target, float a_t, float s_t) -> (Tensor, Tensor)");
   // chi = a * x0 + s * noise
   m.def("srl_renoise(Tensor x0, Tensor noise, float a, float s) -> Tensor");
+  // act(x W^T + b), act "none" / "gelu" / "gelu_tanh"; see flashcore/ops/linear.py
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor");
   // -> (out, lse); see flashcore/ops/attention.py
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
   // -> (dq, dk, dv)

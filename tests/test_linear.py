@@ -1,8 +1,10 @@
 """linear on every CPU backend: the error rule against the float64 oracle, layouts,
 opcheck, gradcheck (float64: the onednn row declines it), torch.compile, dispatch,
-autocast, bad inputs; and the model transform (shared parameters, same state_dict,
-output within the error rule on a tiny DiT and UNet)."""
+autocast, bad inputs; the native kernel's direct path (no autograd) and its own
+checks; and the model transform (shared parameters, same state_dict, output
+within the error rule on a tiny DiT and UNet)."""
 import copy
+import importlib
 import warnings
 
 import pytest
@@ -18,8 +20,11 @@ from flashcore.ops.linear import _linear_op, linear, linear_ref
 from _fixtures import TINY_DIT, TINY_UNET
 
 OP = "linear"
-# (x shape, N): K = 40 (not a multiple of a vector width), batch 1, 3-D/4-D/1-D inputs, a DiT-S/2 FF
-SHAPES = [((1, 40), 24), ((3, 5, 40), 17), ((2, 1, 3, 8), 5), ((40,), 3), ((7, 384), 1536)]
+# (x shape, N): K = 40 and 33 (not a multiple of a vector width), batch 1, 3-D/4-D/1-D inputs,
+# a DiT-S/2 FF. The cpp row's GEMV takes M <= 4 rows in fp32 and M <= 2 in bf16 (N = 7 and 5:
+# a partial block of 4 rows), oneDNN the rest: M = 1, 2, 4 and 6, 7, 15 cover both sides.
+SHAPES = [((1, 40), 24), ((2, 33), 7), ((2, 2, 33), 7), ((3, 5, 40), 17), ((2, 1, 3, 8), 5), ((40,), 3),
+          ((7, 384), 1536)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 VARIANTS = {"none": ("none", True), "none-nobias": ("none", False), "gelu": ("gelu", True),
             "gelu_tanh": ("gelu_tanh", True), "gelu_tanh-nobias": ("gelu_tanh", False)}
@@ -126,16 +131,17 @@ def test_compile_matches_eager(backend):
 
 
 def test_dispatch(monkeypatch):
-    """auto: onednn for float32/bfloat16 CPU tensors, the reference (quietly) for float64;
-    explicit argument > use_backend > FLASHCORE_BACKEND."""
-    if "onednn" not in testing.cpu_backends(OP):
-        pytest.skip("torch built without oneDNN")
+    """auto: cpp (else onednn) for float32/bfloat16 CPU tensors, the reference (quietly)
+    for float64; explicit argument > use_backend > FLASHCORE_BACKEND."""
+    fast = next((b for b in ("cpp", "onednn") if b in testing.cpu_backends(OP)), None)
+    if fast is None:
+        pytest.skip("neither the native extension nor oneDNN is built")
     calls = testing.spy_backends(monkeypatch, OP)
     monkeypatch.delenv("FLASHCORE_BACKEND", raising=False)
     x, w, b = _inputs((3, 40), 8, torch.float32)
     for dt in (torch.float32, torch.bfloat16):
         linear(x.to(dt), w.to(dt), b.to(dt))
-        assert calls[-1] == "onednn"
+        assert calls[-1] == fast
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         linear(x.double(), w.double(), b.double())
@@ -145,14 +151,95 @@ def test_dispatch(monkeypatch):
     with use_backend("reference"):
         linear(x, w, b)
         assert calls[-1] == "reference"
-        linear(x, w, b, backend="onednn")
-        assert calls[-1] == "onednn"
+        linear(x, w, b, backend=fast)
+        assert calls[-1] == fast
     monkeypatch.setenv("FLASHCORE_BACKEND", "reference")
     linear(x, w, b)
     assert calls[-1] == "reference"
-    with use_backend("onednn"):
+    with use_backend(fast):
         linear(x, w, b)
-        assert calls[-1] == "onednn"
+        assert calls[-1] == fast
+
+
+def _require_native():
+    if "cpp" not in testing.cpu_backends(OP):
+        pytest.skip("the native extension is not built")
+
+
+def test_cpp_without_autograd_skips_the_custom_op(monkeypatch):
+    """backend="cpp" and nothing to differentiate: the native kernel is called straight
+    (the op's Python layers cost ~17 us a call); with a gradient to record the call goes
+    through flashcore::linear, whose autograd gives the reference's gradients."""
+    _require_native()
+    lin = importlib.import_module("flashcore.ops.linear")          # the module; ops.linear is the function
+    wrapped = []
+    monkeypatch.setattr(lin, "_linear_op", lambda *a, _op=lin._linear_op: wrapped.append(a[4]) or _op(*a))
+    calls = testing.spy_backends(monkeypatch, OP)
+    x, w, b = _inputs((3, 40), 8, torch.float32)
+    with torch.no_grad():
+        out = linear(x, w, b, activation="gelu", backend="cpp")
+    assert calls == ["cpp"] and wrapped == []
+    testing.assert_close_to_oracle(out, linear_ref(x, w, b, "gelu"), linear_ref(*testing.to64((x, w, b)), "gelu"))
+    linear(x, w, b, backend="cpp")                                     # grad mode on, no input needs it
+    assert wrapped == []
+    w.requires_grad_(True)
+    y = linear(x, w, b, backend="cpp")
+    assert wrapped == ["cpp"] and calls[-1] == "cpp"
+    (g,) = torch.autograd.grad(y.sum(), w)
+    torch.testing.assert_close(g, torch.autograd.grad(linear_ref(x, w, b).sum(), w)[0])
+    linear(x, w, b)                                                    # no explicit backend: through the op
+    assert wrapped[-1] == ""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_packed_weight_gives_the_plain_result(monkeypatch, dtype):
+    """pack_weight's oneDNN-layout copy: used on the direct cpp path above GEMV_ROWS rows
+    (the same oneDNN arithmetic, so within a few ulps of the plain weight), compiled
+    too; every other path reads the plain weight; anything but a packed copy of this
+    weight is refused."""
+    _require_native()
+    from flashcore.ops.linear import GEMV_ROWS, pack_weight
+    x, w, b = _inputs((3, 7, 40), 24, dtype)
+    packed = pack_weight(w, 21)
+    if packed is None:
+        pytest.skip("torch built without oneDNN")
+    assert packed.is_mkldnn and packed.shape == w.shape
+    with torch.no_grad():
+        plain = linear(x, w, b, activation="gelu_tanh", backend="cpp")
+        got = linear(x, w, b, activation="gelu_tanh", backend="cpp", packed=packed)
+        torch.testing.assert_close(got, plain, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+        fn = torch.compile(lambda x: linear(x, w, b, activation="gelu_tanh", backend="cpp", packed=packed),
+                           fullgraph=True)
+        torch.testing.assert_close(fn(x), got, rtol=0, atol=0)
+        small = x[:1, :GEMV_ROWS[dtype]]                                # the GEMV's rows: plain weight
+        torch.testing.assert_close(linear(small, w, b, backend="cpp", packed=packed),
+                                   linear(small, w, b, backend="cpp"), rtol=0, atol=0)
+    calls = testing.spy_backends(monkeypatch, OP)
+    linear(x, w, b, backend="reference", packed=packed)                # other rows: the plain weight
+    assert calls == ["reference"]
+    with pytest.raises(ValueError, match="packed must come from pack_weight"):
+        linear(x, w, b, backend="cpp", packed=w)
+    with pytest.raises(ValueError, match="packed must come from pack_weight"):
+        linear(x[..., :8], w[:, :8], b, backend="cpp", packed=packed)
+    assert pack_weight(w.double(), 21) is None
+
+
+def test_native_kernel_rejects_bad_inputs_with_a_message():
+    """The C++ entry point checks what the Python wrapper checks, for callers that reach it directly."""
+    _require_native()
+    op = torch.ops.flashcore_C.linear
+    x, w, b = _inputs((3, 40), 8, torch.float32)
+    for args, msg in [((x.double(), w.double(), b.double(), "none"), "float32 or bfloat16"),
+                      ((x, w.bfloat16(), b, "none"), "weight has dtype"),
+                      ((x[:, :39], w, b, "none"), "x has 39 features"),
+                      ((x, w, b[:7], "none"), "bias must have shape"),
+                      ((x, w, b.double(), "none"), "bias must be a CPU tensor of x's dtype"),
+                      ((x, w[0], b, "none"), "weight must be"),
+                      ((x, w[:0], b[:0], "none"), "empty weight"),
+                      ((x, w, b, "relu"), "activation must be"),
+                      ((x[0, 0], w[:, :1], b, "none"), "at least one dimension")]:
+        with pytest.raises(RuntimeError, match=msg):
+            op(*args)
 
 
 def test_autocast_casts_like_f_linear():

@@ -16,6 +16,7 @@ warning, through ``supports``):
 - attention, attention_bwd: float32/bfloat16/float64 (float16 falls back), any head
   dim, any strides (a (B, N, H, D) tensor viewed as (B, H, N, D) is read in place);
   at least one key and non-empty head dims.
+- linear: float32/bfloat16, K > 0 and N > 0, any strides (x is flattened to (M, K)).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ _KERNELS = {
     "srl_renoise": "flashcore_C::srl_renoise",
     "attention": "flashcore_C::attention_fwd",
     "attention_bwd": "flashcore_C::attention_bwd",
+    "linear": "flashcore_C::linear",
 }
 
 
@@ -81,6 +83,24 @@ def _attention_bwd_supports(dout, q, k, v, *rest) -> str | None:
     return _attention_supports(q, k, v)
 
 
+_LINEAR_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def linear_supports(x, weight, bias, activation) -> str | None:
+    why = _not_cpu(x)
+    if why is not None:
+        return why
+    if x.dtype not in _LINEAR_DTYPES:
+        return f"dtype {x.dtype}; the cpp linear kernel takes float32 and bfloat16"
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        return f"empty weight {tuple(weight.shape)}"
+    return None
+
+
+def _linear(x, weight, bias, activation):
+    return torch.ops.flashcore_C.linear(x, weight, bias, activation)
+
+
 def _sampler_step(x_t, eps_c, eps_u, x_T, a_t, s_t, a_s, s_s, guidance, noise_correction, clip):
     return torch.ops.flashcore_C.sampler_step(x_t, eps_c, eps_u, x_T, a_t, s_t, a_s, s_s, guidance,
                                               noise_correction, clip)
@@ -114,6 +134,7 @@ _ROWS = {
     "srl_renoise": (_srl_renoise, _elementwise_supports),
     "attention": (_attention, _attention_supports),
     "attention_bwd": (_attention_bwd, _attention_bwd_supports),
+    "linear": (_linear, linear_supports),
 }
 
 for _op, (_impl, _supports) in _ROWS.items():

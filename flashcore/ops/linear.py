@@ -21,17 +21,19 @@ post-op, saving a pass over the (..., N) output.
 Dtypes: x, W and b share one floating dtype and device. Under CPU/CUDA
 autocast the public function casts them to the autocast dtype first, as
 autocast does for ``F.linear``. Backends: ``reference`` (``linear_ref``, every
-dtype and device) and ``onednn`` (``_onednn.py``: CPU tensors, float32 and
-bfloat16, K and N > 0, torch built with oneDNN). Other inputs (float64,
-float16, a GPU tensor) fall back to the reference, with a one-time warning if
-``onednn`` was asked for by name.
+dtype and device), ``cpp`` (``csrc/cpu/linear.cpp``: CPU tensors, float32 and
+bfloat16, K and N > 0; a GEMV of its own for M <= 4 rows (2 in bf16), where
+oneDNN's fixed cost per call dominates, oneDNN's inner product above) and
+``onednn`` (``_onednn.py``: the same tensors, oneDNN at every M, torch built
+with oneDNN). Other inputs (float64, float16, a GPU tensor) fall back to the
+reference, with a one-time warning if a backend was asked for by name.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from . import _checks, _dispatch
+from . import _checks, _dispatch, _native
 
 OP = "linear"
 ACTIVATIONS = ("none", "gelu", "gelu_tanh")
@@ -102,6 +104,13 @@ torch.library.register_autograd("flashcore::linear", _backward, setup_context=_s
 
 _linear_op = torch.ops.flashcore.linear.default
 
+# Called straight by ``linear`` when no autograd is needed; under torch.compile it needs a fake.
+_native_op = torch.ops.flashcore_C.linear.default if _native.has_kernel("linear") else None
+if _native_op is not None:
+    @torch.library.register_fake("flashcore_C::linear")
+    def _(x, weight, bias, activation):
+        return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+
 
 def _autocast(x, weight, bias):
     """Autocast's rule for ``F.linear``: cast float inputs to the autocast dtype.
@@ -117,8 +126,33 @@ def _autocast(x, weight, bias):
     return cast(x), cast(weight), cast(bias)
 
 
+# Rows up to which the cpp kernel runs its own GEMV (csrc/cpu/linear.cpp, kGemvRows):
+# a prepacked weight would send those to oneDNN, which is slower there.
+GEMV_ROWS = {torch.float32: 4, torch.bfloat16: 2}
+
+
+def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """A copy of ``weight`` (N, K) in oneDNN's blocked layout for inputs of about
+    ``rows`` rows (M), for ``linear(..., packed=)``; None where the native kernel or
+    oneDNN is not built, or for float64/float16 or GPU weights.
+
+    Why: oneDNN reorders a plain weight into that layout on every call. Measured on
+    a DiT-S/2 step (weights from DRAM): 4-13% of each token GEMM, ~2 ms of a 44 ms
+    compiled fp32 step. The copy is taken now and does not follow later updates of
+    ``weight``: it is for frozen inference weights (the Engine packs only where it
+    freezes anyway).
+    """
+    if (_native_op is None or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            or not torch.backends.mkldnn.is_available() or weight.device.type != "cpu"
+            or weight.dtype not in GEMV_ROWS or weight.dim() != 2 or min(weight.shape) == 0):
+        return None
+    with torch.no_grad():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), max(int(rows), 1))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-           activation: str = "none", backend: str | None = None) -> torch.Tensor:
+           activation: str = "none", backend: str | None = None,
+           packed: torch.Tensor | None = None) -> torch.Tensor:
     """``act(x W^T + b)``: ``F.linear`` (then a GELU) through flashcore's backend table.
 
     Args:
@@ -126,7 +160,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         weight: (N, K), same dtype and device as ``x``.
         bias: (N,) or None, same dtype and device.
         activation: "none", "gelu" (erf) or "gelu_tanh" (the tanh approximation).
-        backend: ``reference``/``onednn``/``auto`` or None (context, env, auto); see ``flashcore.ops``.
+        backend: ``reference``/``cpp``/``onednn``/``auto`` or None (context, env, auto); see
+            ``flashcore.ops``. With ``backend="cpp"`` given explicitly and no gradient to
+            record, the native kernel is called straight, without the Python layers of
+            the ``flashcore::linear`` op around it (~17 us a call, the price of a small
+            GEMM); the Engine's linear layers run this way.
+        packed: ``pack_weight(weight, rows)``, or None. Used on that same direct path
+            when x has more than ``GEMV_ROWS`` rows; every other path reads ``weight``.
     Returns:
         (..., N) in the dtype of ``x`` (the autocast dtype inside an autocast region).
     """
@@ -150,4 +190,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None and bias.shape[0] != n:
         raise ValueError(f"{OP}: bias has {bias.shape[0]} elements but weight {tuple(weight.shape)} "
                          f"has N = {n} outputs")
+    # (traced, the fake of a oneDNN-layout tensor reports a strided layout: checked in eager only)
+    if packed is not None and not ((packed.is_mkldnn or torch.compiler.is_compiling())
+                                   and packed.shape == weight.shape and packed.dtype == weight.dtype):
+        raise ValueError(f"{OP}: packed must come from pack_weight(weight, rows): a oneDNN-layout tensor of "
+                         f"weight's shape and dtype, got {packed.layout} {tuple(packed.shape)} {packed.dtype}")
+    if (backend == "cpp" and _native_op is not None
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))
+            and _native.linear_supports(x, weight, bias, activation) is None):
+        if packed is not None and x.numel() > GEMV_ROWS[x.dtype] * k:
+            weight = packed
+        return _dispatch.run(OP, "cpp", x, weight, bias, activation)       # the row: the native op, no wrapper
     return _linear_op(x, weight, bias, activation, backend or "")
