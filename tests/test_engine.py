@@ -18,6 +18,7 @@ from flashcore.engine import BUCKETS, Engine, FlashcoreLinear, bucket_for, coeff
 from flashcore.evaluate import generate
 from flashcore.models import Denoiser
 from flashcore.ops import _dispatch, available_backends
+from flashcore.ops.linear import pack_weight
 from flashcore.sampler import sample
 from flashcore.testing import spy_backends
 from flashcore.schedule import NoiseSchedule, trailing_grid
@@ -87,26 +88,30 @@ def test_eager_engine_equals_sampler_exactly(cfg, guidance, nc, clip):
     assert torch.equal(a, b)
 
 
-def test_linear_option_runs_onednn_on_a_copy_and_stays_close(monkeypatch):
+def test_linear_option_runs_the_fast_linear_on_a_copy_and_stays_close(monkeypatch):
     """``linear="auto"`` is on for compiled float32 only (the eager engine above stays
-    bit-equal); forced on in eager mode the oneDNN GEMMs (another summation order,
-    ~1e-6 apart per layer) keep the samples within the compiled engine's tolerance,
-    and the model itself keeps its nn.Linear layers."""
-    if "onednn" not in available_backends("linear"):
-        pytest.skip("torch built without oneDNN")
+    bit-equal), on the native row where built (else oneDNN); compiled, it also freezes
+    (for the fused q/k/v). Forced on in eager mode the fast GEMMs (another summation
+    order, ~1e-6 apart per layer) keep the samples within the compiled engine's
+    tolerance, and the model itself keeps its nn.Linear layers."""
+    built = available_backends("linear")
+    if "cpp" not in built and "onednn" not in built:
+        pytest.skip("neither the native extension nor oneDNN is built")
     torch.manual_seed(0)
     model = Denoiser(TINY_DIT).eval()
     sch, labels = NoiseSchedule(), torch.tensor([0, 3, 7])
-    assert Engine(model, sch, steps=3).linear
+    auto = Engine(model, sch, steps=3)
+    assert auto.linear and auto.freeze and auto.fuse_qkv
+    assert auto.linear_backend == ("cpp" if "cpp" in built else "onednn")
     assert not Engine(model, sch, steps=3, compile=False).linear
     assert not Engine(model, sch, steps=3, dtype=torch.bfloat16).linear
-    assert not Engine(model, sch, steps=3).fuse_qkv                   # unfrozen: the copy shares every weight
+    assert not Engine(model, sch, steps=3, freeze=False).fuse_qkv      # unfrozen: the copy shares every weight
     x_T = _noise(3, (1, 16, 16))
     ref = sample(model, labels, schedule=sch, steps=3, shape=(1, 16, 16), guidance=2.0, x_T=x_T)
     calls = spy_backends(monkeypatch, "linear")
     eng = Engine(model, sch, steps=3, guidance=2.0, compile=False, linear=True)
     torch.testing.assert_close(eng.sample(labels, x_T=x_T), ref, rtol=1e-4, atol=1e-4)
-    assert calls and set(calls) == {"onednn"}
+    assert calls and set(calls) == {auto.linear_backend}
     assert not any(isinstance(m, FlashcoreLinear) for m in model.modules())
     with pytest.raises(ValueError, match="linear"):
         Engine(model, sch, steps=3, linear="onednn")
@@ -156,10 +161,10 @@ def test_compiled_dit_step_is_one_graph_across_steps_and_calls():
 
 
 def test_frozen_float32_engine_fuses_qkv_and_stays_close(monkeypatch):
-    """Compiled with freeze and the oneDNN linear, self-attention's q/k/v run as one
+    """Compiled with freeze and the fast linear, self-attention's q/k/v run as one
     GEMM on stacked copies of the weights (N = 3C), within the compiled tolerance."""
-    if "onednn" not in available_backends("linear"):
-        pytest.skip("torch built without oneDNN")
+    if not {"cpp", "onednn"} & set(available_backends("linear")):
+        pytest.skip("neither the native extension nor oneDNN is built")
     torch.manual_seed(0)
     model = Denoiser(TINY_DIT).eval()
     sch, labels = NoiseSchedule(), torch.tensor([0, 5, 9])
@@ -167,7 +172,13 @@ def test_frozen_float32_engine_fuses_qkv_and_stays_close(monkeypatch):
     ref = sample(model, labels, schedule=sch, steps=3, shape=(1, 16, 16), guidance=2.0, x_T=x_T)
     eng = Engine(model, sch, steps=3, guidance=2.0, freeze=True)
     assert eng.linear and eng.fuse_qkv
-    row = _dispatch.table("linear")["onednn"]
+    if eng.linear_backend == "cpp" and pack_weight(torch.ones(2, 2), 8) is not None:
+        # prepacked: the token layers (fused q/k/v, out, both FF) of every block, not the
+        # one-row conditioning projections, which stay on the GEMV
+        packed = {n for n, m in eng.net.named_modules() if isinstance(m, FlashcoreLinear) and m.packed is not None}
+        assert eng.packed_layers == len(packed) >= 4 * TINY_DIT.num_layers
+        assert any(n.endswith("to_qkv") for n in packed) and not any(".norm1." in n for n in packed)
+    row = _dispatch.table("linear")[eng.linear_backend]
     outs = []
     monkeypatch.setattr(row, "impl", lambda x, w, *a, _impl=row.impl: outs.append(w.shape[0]) or _impl(x, w, *a))
     torch.testing.assert_close(eng.sample(labels, x_T=x_T), ref, rtol=1e-4, atol=1e-4)

@@ -5,9 +5,10 @@ the traceable step (network + fused update with tensor schedule values);
 ``linear.py`` routes a model's linear layers through ``flashcore.ops.linear``.
 """
 from .engine import BUCKETS, Engine, bucket_for, enable_compile_cache, fresh_function
-from .linear import FlashcoreGELU, FlashcoreLinear, flashcore_linear_copy, use_flashcore_linear
+from .linear import (FlashcoreGELU, FlashcoreLinear, flashcore_linear_copy, pack_linear_weights,
+                     use_flashcore_linear)
 from .step import coefficient_table, engine_update, make_sampler, make_step
 
 __all__ = ["BUCKETS", "Engine", "bucket_for", "enable_compile_cache", "fresh_function", "coefficient_table",
            "engine_update", "make_sampler", "make_step", "FlashcoreGELU", "FlashcoreLinear",
-           "flashcore_linear_copy", "use_flashcore_linear"]
+           "flashcore_linear_copy", "pack_linear_weights", "use_flashcore_linear"]

@@ -11,19 +11,25 @@
 - optional bf16 autocast of the network (the state and the update stay float32);
 - optional inductor freezing (weights folded as constants): the big win for
   bf16, where it removes the per-call weight casts (PITFALLS: 25 ms against
-  40 ms eager for a DiT-S/2 forward), nothing in fp32, hence ``freeze="auto"``;
-- optional oneDNN linear layers (``flashcore.ops.linear``, ``linear.py``): in
-  float32 PyTorch's GEMMs run on MKL, the slow path on this AMD CPU (DiT-S/2
-  forward at batch 1: 90 -> 52 ms eager, 80 -> 47 ms compiled). The model is
+  40 ms eager for a DiT-S/2 forward); in fp32 it gains nothing by itself but
+  lets the q/k/v projections fuse (below), hence ``freeze="auto"``: on for
+  bf16, and for fp32 where the flashcore linear layers run;
+- optional flashcore linear layers (``flashcore.ops.linear``, ``linear.py``): in
+  float32 PyTorch's GEMMs run on MKL, the slow path on this AMD CPU; the
+  ``cpp`` row runs oneDNN's inner product, and a GEMV of its own for the
+  one-row conditioning projections (DiT-S/2 forward at batch 1: 90 -> 52 ms
+  eager, 80 -> 47 ms compiled with oneDNN alone). The model is
   not touched: the steps call a copy of its module tree that shares every
   parameter. ``linear="auto"`` turns it on for compiled float32 engines only,
   so the eager engine stays bit-equal to ``sampler.sample`` (oneDNN sums in
   another order: ~1e-6 apart) and bf16 keeps inductor's own oneDNN packing
   of the frozen weights;
   with ``freeze`` on as well, self-attention's q/k/v projections also become
-  one GEMM on stacked copies of their weights (``linear.py``, "Fused QKV"):
-  a frozen graph keeps its first call's weights anyway, and only there may the
-  copy stop following the model's parameters;
+  one GEMM on stacked copies of their weights (``linear.py``, "Fused QKV"),
+  and the token layers' weights are prepacked in oneDNN's layout (found by one
+  eager probe step at construction; ``pack_linear_weights``): a frozen graph
+  keeps its first call's weights anyway, and only there may such copies stop
+  following the model's parameters;
 - compile time kept apart: ``engine.compile_seconds`` sums the first call of
   every (bucket, graph) pair, which is where dynamo and inductor do their work.
 
@@ -41,7 +47,7 @@ import torch
 
 from .. import ops
 from ..schedule import NoiseSchedule, trailing_grid
-from .linear import flashcore_linear_copy
+from .linear import flashcore_linear_copy, pack_linear_weights
 from .step import coefficient_table, make_sampler, make_step
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -84,7 +90,8 @@ class Engine:
         noise_correction, clip: as in ``flashcore.sampler.sample``.
         dtype: float32, or bfloat16 to run the network under autocast.
         compile: torch.compile the step (or the whole sampler, ``graph="sampler"``).
-        freeze: inductor freezing; "auto" turns it on for bfloat16 only. Frozen
+        freeze: inductor freezing; "auto" turns it on for bfloat16, and for
+            compiled float32 with ``linear`` on (for the fused q/k/v). Frozen
             graphs keep the weights of their first call (the fused q/k/v copies,
             see ``linear``: of construction): build a new Engine after changing
             the model's weights (e.g. between training rounds).
@@ -124,13 +131,18 @@ class Engine:
         self.schedule, self.grid = schedule, list(grid)
         self.guidance, self.noise_correction, self.clip = float(guidance), bool(noise_correction), float(clip)
         self.dtype, self.compiled, self.graph = dtype, bool(compile), graph
-        self.freeze = (dtype == torch.bfloat16) if freeze == "auto" else bool(freeze)
-        self.linear = (self.compiled and dtype == torch.float32 and "onednn" in ops.available_backends("linear")
+        # the linear row: the native kernel (GEMV at small M, oneDNN above) where built, else oneDNN alone
+        built = ops.available_backends("linear")
+        self.linear_backend = next((b for b in ("cpp", "onednn") if b in built), None)
+        self.linear = (self.compiled and dtype == torch.float32 and self.linear_backend is not None
                        if linear == "auto" else bool(linear))
+        self.freeze = (self.compiled and (dtype == torch.bfloat16 or self.linear) if freeze == "auto"
+                       else bool(freeze))
         # what the steps call: the model, or a copy of its module tree sharing every parameter
         # (but for the stacked q/k/v copies, made only where the weights are frozen anyway)
         self.fuse_qkv = self.linear and self.compiled and self.freeze
-        net = flashcore_linear_copy(self.model, fuse_qkv=self.fuse_qkv) if self.linear else self.model
+        self.net = net = (flashcore_linear_copy(self.model, fuse_qkv=self.fuse_qkv, backend=self.linear_backend)
+                          if self.linear else self.model)
         self.buckets = (BUCKETS if compile else None) if buckets == "auto" else (tuple(buckets) if buckets else None)
         self.shape = tuple(shape) if shape is not None else (model.cfg.channels, model.cfg.sample_size,
                                                                model.cfg.sample_size)
@@ -140,6 +152,13 @@ class Engine:
         self._eager = {"step": make_step(net, guidance=self.guidance, clip=self.clip, autocast_dtype=autocast,
                                          backend=backend)}
         self._eager["sampler"] = make_sampler(self._eager["step"])
+        # frozen fp32 on the native row: token-layer weights prepacked (module docstring)
+        self.packed_layers = 0
+        if self.fuse_qkv and dtype == torch.float32 and self.linear_backend == "cpp":
+            x0 = torch.zeros((1,) + self.shape)
+            t0 = torch.full((1,), self.grid[0], dtype=torch.long)
+            probe = lambda: self._eager["step"](x0, x0, t0, torch.full((1,), self.null_label), self.coefs[0])  # noqa: E731
+            self.packed_layers = pack_linear_weights(net, probe)
         self._compile_kw = dict(fullgraph=True, dynamic=False, mode=mode)
         if self.compiled:
             enable_compile_cache(cache_dir)

@@ -39,6 +39,7 @@ from torch.nn.utils import parametrize
 
 from .. import ops
 from ..models.attention_processor import FlashcoreAttnProcessor
+from ..ops.linear import GEMV_ROWS, pack_weight
 
 _GELU_ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}      # diffusers' ``approximate`` -> ops.linear
 
@@ -58,13 +59,15 @@ class FlashcoreLinear(nn.Module):
             self.register_buffer("weight", weight, persistent=False)
             self.register_buffer("bias", bias, persistent=False)
         self.activation, self.backend = activation, backend
+        self.register_buffer("packed", None, persistent=False)      # oneDNN-layout copy: pack_linear_weights
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, activation: str = "none", backend: str | None = None):
         return cls(lin.weight, lin.bias, activation, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias, activation=self.activation, backend=self.backend)
+        return ops.linear(x, self.weight, self.bias, activation=self.activation, backend=self.backend,
+                          packed=self.packed)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -169,3 +172,32 @@ def flashcore_linear_copy(model: nn.Module, *, fuse_gelu: bool = True, fuse_qkv:
     clone = copy.deepcopy(model, memo)
     use_flashcore_linear(clone, fuse_gelu=fuse_gelu, fuse_qkv=fuse_qkv, backend=backend)
     return clone
+
+
+def pack_linear_weights(model: nn.Module, probe) -> int:
+    """Give each ``FlashcoreLinear`` under ``model`` that runs on more rows than the
+    native GEMV takes, when ``probe()`` runs, a copy of its weight in oneDNN's
+    layout (``ops.linear.pack_weight``), so no call reorders it again. Returns the
+    number of layers packed. Like the fused q/k/v, the copies are taken now and do
+    not follow the model's weights: frozen inference weights only. Layers that ran
+    as a GEMV (a conditioning vector at batch <= 4) keep their plain weight only.
+    """
+    rows: dict[nn.Module, int] = {}
+
+    def seen(mod, args):
+        x = args[0]
+        rows[mod] = max(rows.get(mod, 0), x.numel() // max(x.shape[-1], 1))
+
+    hooks = [m.register_forward_pre_hook(seen) for m in model.modules() if isinstance(m, FlashcoreLinear)]
+    try:
+        with torch.no_grad():
+            probe()
+    finally:
+        for h in hooks:
+            h.remove()
+    n = 0
+    for m, r in rows.items():
+        if r > GEMV_ROWS.get(m.weight.dtype, r) and (p := pack_weight(m.weight, r)) is not None:
+            m.packed = p
+            n += 1
+    return n
