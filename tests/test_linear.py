@@ -222,6 +222,12 @@ def test_packed_weight_gives_the_plain_result(monkeypatch, dtype):
     with pytest.raises(ValueError, match="packed must come from pack_weight"):
         linear(x[..., :8], w[:, :8], b, backend="cpp", packed=packed)
     assert pack_weight(w.double(), 21) is None
+    if dtype == torch.float32:                                          # autocast casts weight: packed unused
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = linear(x, w, b, backend="cpp", packed=packed)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, linear(x.bfloat16(), w.bfloat16(), b.bfloat16(), backend="cpp"),
+                                   rtol=0, atol=0)
 
 
 def test_native_kernel_rejects_bad_inputs_with_a_message():

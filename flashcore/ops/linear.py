@@ -178,7 +178,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError(f"{OP}: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if x.dim() < 1:
         raise ValueError(f"{OP}: x must have at least one dimension (..., K), got a scalar")
+    # (traced, the fake of a oneDNN-layout tensor reports a strided layout: checked in eager only)
+    if packed is not None and not ((packed.is_mkldnn or torch.compiler.is_compiling())
+                                   and packed.shape == weight.shape and packed.dtype == weight.dtype):
+        raise ValueError(f"{OP}: packed must come from pack_weight(weight, rows): a oneDNN-layout tensor of "
+                         f"weight's shape and dtype, got {packed.layout} {tuple(packed.shape)} {packed.dtype}")
     x, weight, bias = _autocast(x, weight, bias)
+    if packed is not None and packed.dtype != weight.dtype:
+        packed = None                                                   # autocast cast the weight: a new copy
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"{OP}: {name} must match x in dtype and device "
@@ -190,11 +197,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None and bias.shape[0] != n:
         raise ValueError(f"{OP}: bias has {bias.shape[0]} elements but weight {tuple(weight.shape)} "
                          f"has N = {n} outputs")
-    # (traced, the fake of a oneDNN-layout tensor reports a strided layout: checked in eager only)
-    if packed is not None and not ((packed.is_mkldnn or torch.compiler.is_compiling())
-                                   and packed.shape == weight.shape and packed.dtype == weight.dtype):
-        raise ValueError(f"{OP}: packed must come from pack_weight(weight, rows): a oneDNN-layout tensor of "
-                         f"weight's shape and dtype, got {packed.layout} {tuple(packed.shape)} {packed.dtype}")
     if (backend == "cpp" and _native_op is not None
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))
