@@ -228,6 +228,37 @@ def test_engine_rejects_bad_arguments(conv):
         Engine(conv, sch)
     with pytest.raises(ValueError, match="labels"):
         Engine(conv, sch, steps=2, compile=False).sample(torch.arange(3), x_T=torch.zeros(2, 1, 8, 8))
+    eng = Engine(conv, sch, steps=2, compile=False)
+    with pytest.raises(ValueError, match=r"x_T must have shape \(2, 1, 8, 8\)"):
+        eng.sample(torch.arange(2), x_T=torch.zeros(2, 1, 8, 9))
+    with pytest.raises(ValueError, match=r"x must have shape \(2, 1, 8, 8\)"):
+        eng.step(0, torch.zeros(2, 8, 8), torch.zeros(2, 1, 8, 8), torch.arange(2))
+    with pytest.raises(ValueError, match="labels must be 2 integer class ids"):
+        eng.step(0, torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8), torch.zeros(2))
+
+
+def test_compiled_calls_skip_guards_on_checked_inputs(conv):
+    """After its first (compiling) call a graph runs with dynamo's guard evaluation
+    skipped; what the guards would have caught the engine checks or normalises: a
+    bf16 or non-contiguous x_T gives the float32 result, x aliasing x_T is split, a
+    wrong shape is refused before the graph sees it."""
+    sch, labels = NoiseSchedule(), torch.tensor([1, 2])
+    x_T = _noise(2, (1, 8, 8))
+    eng = Engine(conv, sch, steps=3, guidance=2.0, compile=True)
+    ref = eng.sample(labels, x_T=x_T)
+    assert all(type(f).__name__ == "_SkipGuards" for f in eng._fns.values())
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = eng.sample(labels, x_T=x_T.bfloat16())
+        torch.testing.assert_close(out, eng.sample(labels, x_T=x_T.bfloat16().float()), rtol=0, atol=0)
+        wide = torch.zeros(2, 1, 8, 16)
+        wide[..., ::2] = x_T
+        torch.testing.assert_close(eng.sample(labels, x_T=wide[..., ::2]), ref, rtol=0, atol=0)
+        x = x_T.clone()
+        a = eng.step(0, x, x, labels)                                   # aliased: x_T is copied first
+        b = eng.step(0, x, x.clone(), labels)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="x_T must have shape"):
+            eng.sample(labels, x_T=torch.zeros(2, 1, 4, 4))
 
 
 def test_generate_in_eager_mode_is_the_batched_sampler(tiny_denoiser):
