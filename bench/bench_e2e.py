@@ -31,7 +31,9 @@ TITLE = "Image latency: 3-step student against 50-step CFG teacher (CPU)"
 CHECKPOINTS = B.ROOT / "checkpoints"
 QUICK = ModelConfig(arch="unet", sample_size=16, channels=1, num_classes=10, block_out_channels=(8, 16),
                     layers_per_block=1, attention_head_dim=8)
-NOTES: list[str] = ["value: ms per image (p50 of a whole sampler call / batch); compile rows in seconds"]
+NOTES: list[str] = ["value: ms per image (p50 of a whole sampler call / batch); compile rows in seconds; "
+                    "student and teacher providers of one batch and dtype timed side by side "
+                    "(benchmarking.measure_interleaved)"]
 
 
 def load_models(quick: bool):
@@ -64,48 +66,50 @@ def run(quick: bool = False, providers=None, log=None) -> list[dict]:
     roles = {"student_3step": (student, 3, 1.0), f"teacher_{teacher_steps}step_cfg": (teacher, teacher_steps, guidance)}
     batches = (1,) if quick else (1, 8)
     dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
-    timing = dict(warmup=1, repeats=3, min_sample_ms=0) if quick else dict(warmup=1, repeats=10, min_sample_ms=0,
-                                                                             max_seconds=60)
+    timing = (dict(rounds=2, per_round=1, warmup=0, pause=0.0) if quick else
+              dict(rounds=5, per_round=4, seconds_per_provider=20.0, warmup=1))
     rows, p50 = [], {}
     with torch.no_grad():
-        for role, (model, steps, w) in roles.items():
-            cfg = model.cfg
-            shape = (cfg.channels, cfg.sample_size, cfg.sample_size)
-            for b in batches:
-                labels = torch.arange(b) % cfg.num_classes
-                x_T = torch.randn((b,) + shape, generator=torch.Generator().manual_seed(0))
-                for dtype in dtypes:
-                    provs = {}
-                    if dtype == torch.float32:
-                        provs["eager"] = (None, lambda m=model, s=steps, w=w: sample(
-                            m, labels, schedule=sched, steps=s, shape=shape, guidance=w, x_T=x_T))
-                    else:
-                        eng_b = Engine(model, sched, steps=steps, guidance=w, dtype=dtype, compile=False)
-                        provs["eager"] = (None, lambda e=eng_b: e.sample(labels, x_T=x_T))
-                    graphs = ("step", "sampler") if steps <= 4 else ("step",)
-                    for graph in graphs:
+        for b in batches:
+            for dtype in dtypes:
+                # every (role, provider) of this batch and dtype, timed side by side below: the
+                # teacher / student ratios then share the machine's state (it drifts by 10-20%)
+                provs, fulls = {}, {}
+                for role, (model, steps, w) in roles.items():
+                    cfg = model.cfg
+                    shape = (cfg.channels, cfg.sample_size, cfg.sample_size)
+                    labels = torch.arange(b) % cfg.num_classes
+                    x_T = torch.randn((b,) + shape, generator=torch.Generator().manual_seed(0))
+                    fulls[role] = (b,) + shape
+                    if B.keep_provider("eager", providers):
+                        if dtype == torch.float32:
+                            provs[(role, "eager")] = (None, lambda m=model, s=steps, w=w, sh=shape, lab=labels,
+                                                      x=x_T: sample(m, lab, schedule=sched, steps=s, shape=sh,
+                                                                    guidance=w, x_T=x))
+                        else:
+                            eng_b = Engine(model, sched, steps=steps, guidance=w, dtype=dtype, compile=False)
+                            provs[(role, "eager")] = (None, lambda e=eng_b, lab=labels, x=x_T: e.sample(lab, x_T=x))
+                    for graph in (("step", "sampler") if steps <= 4 else ("step",)):
                         name = "flashcore" if graph == "step" else "flashcore-sampler"
                         if not B.keep_provider(name, providers):
                             continue
                         eng = Engine(model, sched, steps=steps, guidance=w, dtype=dtype, compile=True, graph=graph)
-                        provs[name] = (eng, lambda e=eng: e.sample(labels, x_T=x_T))
-                    for prov, (eng, fn) in provs.items():
-                        if not B.keep_provider(prov, providers):
-                            continue
-                        full = (b,) + shape
-                        if eng is not None:
-                            eng.warmup((b,))
-                            rows.append(B.make_row(f"{role}.compile", prov, full, dtype,
-                                                   B.timing_of_seconds(eng.compile_seconds), "s", eng.compile_seconds))
-                        tm = B.measure(fn, **timing)
-                        p50[(role, prov, b, dtype)] = tm.p50_ms
-                        rows.append(B.make_row(role, prov, full, dtype, tm, "ms/image", tm.p50_ms / b))
-                        if log:
-                            log(f"{role:22s} {prov:18s} b={b} {B.dtype_name(dtype)} {tm.p50_ms:9.1f} ms/call "
-                                f"{tm.p50_ms / b:8.2f} ms/image")
-                    del provs
-                    gc.collect()
-                    torch._dynamo.reset()
+                        provs[(role, name)] = (eng, lambda e=eng, lab=labels, x=x_T: e.sample(lab, x_T=x))
+                for (role, prov), (eng, _) in provs.items():
+                    if eng is not None:
+                        eng.warmup((b,))
+                        rows.append(B.make_row(f"{role}.compile", prov, fulls[role], dtype,
+                                               B.timing_of_seconds(eng.compile_seconds), "s", eng.compile_seconds))
+                timed = B.measure_interleaved({k: fn for k, (_, fn) in provs.items()}, **timing)
+                for (role, prov), tm in timed.items():
+                    p50[(role, prov, b, dtype)] = tm.p50_ms
+                    rows.append(B.make_row(role, prov, fulls[role], dtype, tm, "ms/image", tm.p50_ms / b))
+                    if log:
+                        log(f"{role:22s} {prov:18s} b={b} {B.dtype_name(dtype)} {tm.p50_ms:9.1f} ms/call "
+                            f"{tm.p50_ms / b:8.2f} ms/image (n={tm.samples})")
+                del provs
+                gc.collect()
+                torch._dynamo.reset()
     _ratio_notes(rows, p50, roles)
     return rows
 

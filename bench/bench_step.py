@@ -46,7 +46,8 @@ QUICK = ModelConfig(arch="dit", sample_size=16, channels=4, num_classes=10, patc
                     num_heads=2, head_dim=32)
 ROLES = {"student_step": (1.0, 3), "teacher_step": (4.0, 50)}      # guidance, grid steps
 NOTES = ("random weights (latency does not depend on them); step 0 of the grid (t = 999, noise correction on)",
-         "value: ms per step call; p50 over repeats after warm-up; compile/export rows in seconds",
+         "value: ms per step call; p50 over every timed call; a case's providers are timed side by side "
+         "(5 rounds, each a block of calls per provider in rotating order); compile/export rows in seconds",
          "bf16: the network under CPU autocast, the state and update in fp32",
          "--quick runs a 2-layer DiT on a 16x16x4 latent instead (a smoke run, not DiT-S/2)")
 
@@ -169,7 +170,8 @@ def run(quick: bool = False, providers=None, log=None) -> list[dict]:
     fc, base = build_models(cfg)
     batches = (1,) if quick else (1, 8)
     dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
-    timing = dict(warmup=1, repeats=3, min_sample_ms=0.2) if quick else dict(warmup=3, repeats=20, max_seconds=20)
+    timing = (dict(rounds=2, per_round=2, warmup=1, pause=0.0) if quick else
+              dict(rounds=5, per_round=6, seconds_per_provider=12.0, warmup=3))
     rows = []
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         for role, (guidance, _) in ROLES.items():
@@ -178,6 +180,7 @@ def run(quick: bool = False, providers=None, log=None) -> list[dict]:
                 inputs, coef = case_inputs(cfg, role, b)
                 ref = ref_step(base, guidance, coef, None)(*inputs)      # eager fp32: every provider's yardstick
                 for dtype in dtypes:
+                    fns, errs, setups = {}, {}, {}
                     for prov, (setup, fn) in case_providers(fc, base, role, b, dtype, tmp, providers).items():
                         if setup == "first":
                             setup = B.timed_first_call(fn)
@@ -185,13 +188,15 @@ def run(quick: bool = False, providers=None, log=None) -> list[dict]:
                             label = "export" if prov == "onnxruntime" else "compile"
                             rows.append(B.make_row(f"{role}.{label}", prov, shape, dtype,
                                                    B.timing_of_seconds(setup), "s", setup))
-                        err = _rel_err(fn(), ref)
-                        tm = B.measure(fn, **timing)
-                        rows.append(B.make_row(role, prov, shape, dtype, tm, "ms", tm.p50_ms, rel_err=err))
+                        fns[prov], errs[prov], setups[prov] = fn, _rel_err(fn(), ref), setup
+                    # every provider of the case side by side, so their ratios share the machine's state
+                    for prov, tm in B.measure_interleaved(fns, **timing).items():
+                        rows.append(B.make_row(role, prov, shape, dtype, tm, "ms", tm.p50_ms, rel_err=errs[prov]))
                         if log:
                             log(f"{role:13s} {prov:16s} b={b} {B.dtype_name(dtype)} p50 {tm.p50_ms:9.2f} ms "
-                                f"(p20 {tm.p20_ms:.2f}, p80 {tm.p80_ms:.2f}) rel.err {err:.1e}"
-                                + (f", setup {setup:.1f} s" if setup is not None else ""))
+                                f"(p20 {tm.p20_ms:.2f}, p80 {tm.p80_ms:.2f}, n={tm.samples}) rel.err "
+                                f"{errs[prov]:.1e}" + (f", setup {setups[prov]:.1f} s" if setups[prov] is not None
+                                                       else ""))
                     gc.collect()
                     torch._dynamo.reset()       # drop this case's graphs before compiling the next
     return rows

@@ -82,6 +82,42 @@ def measure(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 25, min
     return Timing(quantile(samples, 0.5), quantile(samples, 0.2), quantile(samples, 0.8), len(samples), inner)
 
 
+def measure_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int = 5, per_round: int = 8,
+                        seconds_per_provider: float = 10.0, warmup: int = 2,
+                        pause: float = 0.2) -> dict[str, Timing]:
+    """Time several providers side by side; returns name -> Timing (ms per call).
+
+    ``rounds`` rounds, each running every provider for a block of calls in turn,
+    the order rotating from round to round, so that a slow phase of a shared
+    machine (this VM's speed drifts by 10-20% over minutes) lands on every
+    provider instead of on whichever was measured then. Each block waits
+    ``pause`` seconds and makes one untimed call first: thread pools (OpenMP's,
+    ONNX Runtime's) keep spinning for a while after their last task and would
+    otherwise slow the next provider's first calls. Blocks hold 2 to
+    ``per_round`` calls, fewer for slow providers (``seconds_per_provider`` over
+    all rounds); p50/p20/p80 over every timed call of a provider.
+    """
+    once: dict[str, float] = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        t0 = time.perf_counter()
+        fn()
+        once[name] = max(time.perf_counter() - t0, 1e-7)
+    block = {k: max(2, min(per_round, int(seconds_per_provider / rounds / v))) for k, v in once.items()}
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            time.sleep(pause)
+            fns[name]()
+            for _ in range(block[name]):
+                t0 = time.perf_counter()
+                fns[name]()
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {k: Timing(quantile(v, 0.5), quantile(v, 0.2), quantile(v, 0.8), len(v), 1) for k, v in samples.items()}
+
+
 def timing_of_seconds(seconds: float) -> Timing:
     """A one-shot measurement (compile time) as a Timing with p20 = p50 = p80."""
     ms = seconds * 1e3

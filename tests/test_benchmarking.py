@@ -37,6 +37,25 @@ def test_measure_orders_its_quantiles():
     assert 0 < t.p20_ms <= t.p50_ms <= t.p80_ms and t.samples == 7 and t.inner >= 1
 
 
+def test_measure_interleaved_rotates_blocks_and_times_each_provider():
+    """Blocks of calls per provider in rotating order (a warm-up call opening each
+    block), every provider's own durations: a 4 ms sleep reads about twice a 2 ms one."""
+    import time
+    log = []
+
+    def sleeper(name, secs):
+        return lambda: (log.append(name), time.sleep(secs))
+
+    got = B.measure_interleaved({"a": sleeper("a", 0.002), "b": sleeper("b", 0.004)}, rounds=3, per_round=3,
+                                seconds_per_provider=10.0, warmup=1, pause=0.0)
+    assert got["a"].samples == got["b"].samples == 9
+    assert 0.002 * 1e3 <= got["a"].p50_ms < got["b"].p50_ms and 1.5 < got["b"].p50_ms / got["a"].p50_ms < 2.5
+    body = log[4:]                                    # after warm-up + the one-call probe of each
+    blocks = [body[i][0] for i in range(0, len(body), 4)]
+    assert blocks == ["a", "b", "b", "a", "a", "b"]  # round r starts at provider r mod 2
+    assert all(len(set(body[i:i + 4])) == 1 for i in range(0, len(body), 4))
+
+
 def test_rows_have_the_shared_columns_and_csv_appends(tmp_path):
     r = _row(max_abs_err=0.0)
     assert list(r)[:len(B.COLUMNS)] == B.COLUMNS and r["shape"] == "2x3" and r["dtype"] == "fp32"
