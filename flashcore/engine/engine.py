@@ -289,14 +289,23 @@ def fresh_function(fn):
 
 
 class _SkipGuards:
-    """Calls a compiled function without evaluating dynamo's guards (module docstring)."""
+    """Calls a compiled function without evaluating dynamo's guards (module docstring).
+
+    Dynamo still checks global state in this mode (e.g. ``torch.set_num_threads``
+    changed since the compile) and then refuses to recompile; the call is then
+    made again with the guards on, which recompiles what changed."""
 
     def __init__(self, fn):
         self.fn = fn
 
     def __call__(self, *args):
-        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-            return self.fn(*args)
+        try:
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return self.fn(*args)
+        except RuntimeError as e:          # raised before the graph runs: nothing was done twice
+            if "skip_guard_eval_unsafe" not in str(e):
+                raise
+        return self.fn(*args)
 
 
 class _FirstCall:
