@@ -16,17 +16,15 @@ device's dense peak, element-wise ops in GB/s (bytes read plus written).
 Rows are appended to a CSV in the columns of the CPU benchmarks.
 
     python bench/bench_gpu.py                       # all ops, default shapes
-    python bench/bench_gpu.py --ops attention --dtype bf16 --csv bench/results.csv
+    python bench/bench_gpu.py --ops attention --dtype bf16 --csv bench/results/results.csv
     python bench/bench_gpu.py --dry-run             # no GPU: plan, providers, CSV format
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import math
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +32,10 @@ from typing import Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-COLUMNS = ["name", "provider", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms", "unit", "value", "device",
-           "commit", "torch", "time"]
+from flashcore import benchmarking as B
+
+COLUMNS = B.COLUMNS           # the CPU benchmarks' columns, appended to the same results.csv
+append_csv = B.append_csv
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 QUANTILES = [0.5, 0.2, 0.8]
 # Dense tensor-core peaks in TFLOP/s (vendor data sheets) for the % of peak column.
@@ -218,33 +217,15 @@ def peak(device_name: str, dtype: str) -> float | None:
     return None
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def row(case: Case, ms: tuple[float, float, float], device_name: str) -> dict:
     p50, p20, p80 = ms
     scale = 1e-12 if case.unit == "TFLOP/s" else 1e-9
     value = case.work * scale / (p50 * 1e-3) if p50 and p50 > 0 else float("nan")
     return {"name": case.name, "provider": case.provider, "shape": "x".join(map(str, case.shape)),
             "dtype": case.dtype, "p50_ms": f"{p50:.5f}", "p20_ms": f"{p20:.5f}", "p80_ms": f"{p80:.5f}",
-            "unit": case.unit, "value": f"{value:.6g}", "device": device_name, "commit": _commit(),
+            "unit": case.unit, "value": f"{value:.6g}", "device": device_name, "commit": B.git_commit(),
             "torch": torch.__version__,
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
-def append_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
 
 
 # ------------------------------------------------------------ main --------
@@ -262,7 +243,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ops", default="attention,sampler_step,srl_loss")
     ap.add_argument("--dtype", default="fp16,bf16", help="comma list of fp16,bf16,fp32")
-    ap.add_argument("--csv", default=str(ROOT / "bench" / "results.csv"))
+    ap.add_argument("--csv", default=str(B.RESULTS_DIR / "results.csv"))
     ap.add_argument("--dry-run", action="store_true",
                     help="no timing: list every case with its provider's status and check the CSV format")
     args = ap.parse_args(argv)
