@@ -18,6 +18,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 BACKENDS = ("reference", "cpp", "cuda", "triton", "onednn")
 _NAMES = frozenset(BACKENDS + ("auto",))
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "onednn", "reference")}
@@ -58,6 +60,23 @@ def register_device_rows(backend: str, impls: dict[str, Callable], *, available:
     }
     for op, impl in impls.items():
         register(op, backend, impl, available=available, supports=supports[op])
+
+
+_LINEAR_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def cpu_linear_supports(backend: str) -> Callable[..., str | None]:
+    """``supports`` of a CPU row of ``linear`` (``cpp``, ``onednn``): CPU tensors,
+    float32 or bfloat16, a non-empty weight."""
+    def supports(x, weight, bias, activation) -> str | None:
+        if x.device.type != "cpu":
+            return f"tensor on {x.device.type}, the {backend} backend is CPU-only"
+        if x.dtype not in _LINEAR_DTYPES:
+            return f"dtype {x.dtype}; the {backend} linear takes float32 and bfloat16"
+        if weight.shape[0] == 0 or weight.shape[1] == 0:
+            return f"empty weight {tuple(weight.shape)}"
+        return None
+    return supports
 
 
 def table(op: str) -> dict[str, Row]:

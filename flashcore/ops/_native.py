@@ -83,18 +83,7 @@ def _attention_bwd_supports(dout, q, k, v, *rest) -> str | None:
     return _attention_supports(q, k, v)
 
 
-_LINEAR_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def linear_supports(x, weight, bias, activation) -> str | None:
-    why = _not_cpu(x)
-    if why is not None:
-        return why
-    if x.dtype not in _LINEAR_DTYPES:
-        return f"dtype {x.dtype}; the cpp linear kernel takes float32 and bfloat16"
-    if weight.shape[0] == 0 or weight.shape[1] == 0:
-        return f"empty weight {tuple(weight.shape)}"
-    return None
+linear_supports = _dispatch.cpu_linear_supports("cpp")
 
 
 def _linear(x, weight, bias, activation):

@@ -19,7 +19,6 @@ import torch
 
 from . import _dispatch
 
-_DTYPES = (torch.float32, torch.bfloat16)
 # flashcore activation -> (oneDNN post-op attr, algorithm)
 _POST_OPS = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
 
@@ -27,16 +26,6 @@ _POST_OPS = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu
 @functools.cache          # a property of the torch build, asked on every call otherwise
 def _available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def _supports(x, weight, bias, activation) -> str | None:
-    if x.device.type != "cpu":
-        return f"tensor on {x.device.type}, the onednn backend is CPU-only"
-    if x.dtype not in _DTYPES:
-        return f"dtype {x.dtype}; oneDNN's linear takes float32 and bfloat16"
-    if weight.shape[0] == 0 or weight.shape[1] == 0:
-        return f"empty weight {tuple(weight.shape)}"
-    return None
 
 
 def _linear(x, weight, bias, activation):
@@ -48,4 +37,5 @@ def _linear(x, weight, bias, activation):
     return y.reshape(x.shape[:-1] + (weight.shape[0],))
 
 
-_dispatch.register("linear", "onednn", _linear, available=_available, supports=_supports)
+_dispatch.register("linear", "onednn", _linear, available=_available,
+                   supports=_dispatch.cpu_linear_supports("onednn"))
