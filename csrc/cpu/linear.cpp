@@ -165,20 +165,18 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
   const auto& onednn = onednn_linear();
   const int64_t gemv_rows = x.scalar_type() == at::kFloat ? kGemvRows<float> : kGemvRows<c10::BFloat16>;
   // A weight in oneDNN's own layout (ops.linear.pack_weight) goes to oneDNN at any M.
-  if (weight.is_mkldnn()) {
-    TORCH_CHECK(onednn, op, ": weight is in oneDNN's layout but this torch has no oneDNN linear");
-  }
-  if ((M > gemv_rows || weight.is_mkldnn()) && onednn) {
+  TORCH_CHECK(!weight.is_mkldnn() || onednn, op, ": weight is in oneDNN's layout but this torch has no oneDNN linear");
+  if (M > gemv_rows || weight.is_mkldnn()) {
+    if (!onednn) {  // no oneDNN in this torch
+      auto z = at::linear(x2, weight, bias);
+      if (act != Act::kNone) z = at::gelu(z, act == Act::kGeluTanh ? "tanh" : "none");
+      return z.view(out_shape);
+    }
     const bool post = act != Act::kNone;
     const std::optional<c10::string_view> algo = act == Act::kGeluTanh ? c10::string_view("tanh")
                                                                        : c10::string_view(post ? "none" : "");
     auto y = onednn->call(x2, weight, bias, post ? "gelu" : "none", c10::List<std::optional<at::Scalar>>(), algo);
     return y.view(out_shape);
-  }
-  if (M > gemv_rows) {  // no oneDNN in this torch
-    auto z = at::linear(x2, weight, bias);
-    if (act != Act::kNone) z = at::gelu(z, act == Act::kGeluTanh ? "tanh" : "none");
-    return z.view(out_shape);
   }
   const at::Tensor xc = x2.contiguous(), wc = weight.contiguous();
   const std::optional<at::Tensor> bc = bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
