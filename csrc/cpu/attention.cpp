@@ -132,7 +132,7 @@ void release() {
 }
 
 // Grow-only scratch, one set per thread and slot. Fresh multi-megabyte buffers are
-// mmap'ed and page-fault on every call (PITFALLS: ~2 GB/s); these stay mapped. Every
+// mmap'ed and page-fault on every call (~2 GB/s, docs/cpu_performance.md); these stay mapped. Every
 // kernel below writes each element it later reads, so stale contents never leak.
 template <typename E>
 E* scratch(int slot, int64_t n) {

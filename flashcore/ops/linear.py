@@ -10,7 +10,7 @@ Backward (z recomputed from x when act is not none; the reference maths):
     g_z = g * act'(z);  g_x = g_z W;  g_W = g_z^T x;  g_b = sum g_z       (sums over all leading dims)
 
 Why an op for a GEMM: PyTorch's float32 ``F.linear`` on the CPU goes to MKL,
-which reaches about 205 GFLOP/s on this AMD EPYC (PITFALLS), while oneDNN's
+which reaches about 205 GFLOP/s on this AMD EPYC (docs/cpu_performance.md), while oneDNN's
 inner product on the same inputs is much faster (DiT-S/2 forward at batch 1:
 90 -> 52 ms eager). Inductor cannot lower ``mkldnn._linear_pointwise`` with
 weights that are graph inputs (it asserts the weight is a constant), so the
