@@ -108,7 +108,7 @@ def onnx_session(model, guidance: float, inputs: tuple, path: str):
     with torch.no_grad():
         torch.onnx.export(mod, inputs, path, input_names=names, output_names=["x_next", "x0"], opset_version=17,
                           dynamo=False)
-    model.eval()        # PITFALLS: the legacy exporter leaves the model in training mode
+    model.eval()        # the legacy exporter leaves the model in training mode (docs/cpu_performance.md)
     so = ort.SessionOptions()
     so.intra_op_num_threads = torch.get_num_threads()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -130,7 +130,7 @@ def copy_bandwidth(nbytes: int = 256 << 20) -> tuple[float, Timing]:
     ``nbytes`` into another ``nbytes``.
 
     A preallocated destination, so the number is the memory system's and not
-    the page-fault rate of fresh allocations (PITFALLS: 2 against 100 GB/s).
+    the page-fault rate of fresh allocations (2 against 100 GB/s, docs/cpu_performance.md).
     Cached per process and size: every element-wise row of one run compares with the
     same measurement.
     """
@@ -164,16 +164,22 @@ def copy_baseline(footprint: int, seen: dict[int, float]) -> tuple[list[dict], f
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    name = platform.processor() or platform.machine()
+    name, info = platform.processor() or platform.machine(), {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
+                key, _, val = line.partition(":")
+                if key.strip() in ("model name", "cpu family", "model") and key.strip() not in info:
+                    info[key.strip()] = val.strip()
+                if not line.strip():
+                    break                     # the first processor is enough
     except OSError:
         pass
-    return f"{name} ({torch.get_num_threads()} threads)"
+    name = info.get("model name", name)
+    # "AMD EPYC" alone covers Zen 4 and Zen 5 VMs, whose oneDNN speeds differ 2x
+    # (docs/cpu_performance.md): the family and model tell them apart.
+    fam = f", family {info['cpu family']} model {info['model']}" if "cpu family" in info and "model" in info else ""
+    return f"{name} ({torch.get_num_threads()} threads{fam})"
 
 
 @functools.lru_cache(maxsize=None)

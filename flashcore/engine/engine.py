@@ -10,7 +10,7 @@
   the same bucket costs nothing;
 - optional bf16 autocast of the network (the state and the update stay float32);
 - optional inductor freezing (weights folded as constants): the big win for
-  bf16, where it removes the per-call weight casts (PITFALLS: 25 ms against
+  bf16, where it removes the per-call weight casts (docs/cpu_performance.md: 25 ms against
   40 ms eager for a DiT-S/2 forward); in fp32 it gains nothing by itself but
   lets the q/k/v projections fuse (below), hence ``freeze="auto"``: on for
   bf16, and for fp32 where the flashcore linear layers run;
@@ -75,7 +75,7 @@ def enable_compile_cache(cache_dir: str | None = None) -> None:
     """Inductor's on-disk FX-graph cache, so a second process skips most of the compile.
 
     Inductor also writes precompiled headers under the system temp folder even
-    with ``TORCHINDUCTOR_CACHE_DIR`` set (PITFALLS), so set ``TMPDIR`` too if
+    with ``TORCHINDUCTOR_CACHE_DIR`` set (docs/cpu_performance.md), so set ``TMPDIR`` too if
     everything must live in one place.
     """
     import torch._inductor.config as inductor_config
