@@ -109,3 +109,17 @@ def rng_state() -> dict:
 
 def set_rng_state(t: dict) -> None:
     torch.set_rng_state(t["torch"])
+
+
+def portable_path(path: str | None, start: str) -> str | None:
+    """``path`` as a JSON file meant to be shipped records it: never an absolute path
+    of the machine it was made on. Inside the repository: relative to its root, as
+    the README's commands name checkpoints (``checkpoints/mnist-teacher``); elsewhere:
+    relative to ``start``, the directory the JSON file is written in."""
+    if not path:
+        return path
+    root = os.path.abspath(os.environ.get("FLASHCORE_HOME", os.path.dirname(os.path.dirname(__file__))))
+    full = os.path.abspath(path)
+    if os.path.commonpath([full, root]) == root:
+        return os.path.relpath(full, root)
+    return os.path.relpath(full, os.path.abspath(start))

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from flashcore.checkpoint import read_json, write_json
+from flashcore.checkpoint import portable_path, read_json, write_json
 
 from . import common
 from .distill import DistillConfig, distill
@@ -98,7 +98,8 @@ def ablate(base: DistillConfig, out: str, classifier: str, *, samples: int = 100
     result = {"command": command, "steps": n, "iters": base.iters, "seed": base.seed, "samples": samples, "teacher": base.teacher,
               "classifier": classifier, "config": dataclasses.asdict(base), "rows": rows,
               "teacher_rows": teacher_evals}
-    write_json(os.path.join(out, "ablation.json"), result)
+    paths = {k: portable_path(v, out) for k, v in (("teacher", base.teacher), ("classifier", classifier))}
+    write_json(os.path.join(out, "ablation.json"), {**result, **paths, "config": {**result["config"], **paths}})
     with open(os.path.join(out, "ablation.md"), "w") as f:
         f.write(markdown(result))
     # the picture: the same labels and noise in every row, at the student's n steps

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as tdist
 
 from flashcore import data as fdata
+from flashcore.checkpoint import portable_path
 from flashcore.images import grid as image_grid
 from flashcore.images import save_png
 from flashcore.models import Denoiser, load_pretrained, save_pretrained
@@ -310,7 +311,9 @@ def export(run_dir: str, dist: Distiller, it: int, name: str = "student", extra:
     save_pretrained(dist.ema, out, {
         "kind": "student", "guidance": None, "data": dist.meta["data"], "steps": cfg.steps,
         "grid": dist.grid, "noise_correction": cfg.noise_correction, "schedule": dist.meta["schedule"],
-        "teacher": cfg.teacher, "train_iters": it, "distill_config": dataclasses.asdict(cfg), **(extra or {})},
+        "teacher": portable_path(cfg.teacher, out), "train_iters": it,
+        "distill_config": {**dataclasses.asdict(cfg), "teacher": portable_path(cfg.teacher, out),
+                           "classifier": portable_path(cfg.classifier, out)}, **(extra or {})},
         dtype=torch.float16)
     return out
 
