@@ -15,7 +15,7 @@ TFLOP/s (4 B H Nq Nk D forward, x2.5 for backward) with the share of the
 device's dense peak, element-wise ops in GB/s (bytes read plus written).
 Rows are appended to a CSV in the columns of the CPU benchmarks.
 
-    python bench/bench_gpu.py                       # all ops, default shapes
+    python bench/bench_gpu.py                       # all ops, default shapes, CSV under out/bench/
     python bench/bench_gpu.py --ops attention --dtype bf16 --csv bench/results/results.csv
     python bench/bench_gpu.py --dry-run             # no GPU: plan, providers, CSV format
 """
@@ -243,7 +243,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ops", default="attention,sampler_step,srl_loss")
     ap.add_argument("--dtype", default="fp16,bf16", help="comma list of fp16,bf16,fp32")
-    ap.add_argument("--csv", default=str(B.RESULTS_DIR / "results.csv"))
+    ap.add_argument("--csv", default=None,
+                    help="CSV to append to (default: results.csv in a new folder under out/bench/; "
+                         "bench/results/results.csv for the committed table)")
     ap.add_argument("--dry-run", action="store_true",
                     help="no timing: list every case with its provider's status and check the CSV format")
     args = ap.parse_args(argv)
@@ -283,8 +285,9 @@ def main(argv=None) -> int:
         share = f" ({100 * float(r['value']) / pk:.0f}% of peak)" if pk else ""
         sys.stdout.write(f"{c.name:18s} {c.provider:17s} {r['shape']:14s} {c.dtype:5s} p50 {r['p50_ms']} ms  "
                          f"{r['value']} {c.unit}{share}\n")
-    append_csv(Path(args.csv), rows)
-    sys.stdout.write(f"appended {len(rows)} rows to {args.csv}\n")
+    csv_path = Path(args.csv) if args.csv else B.resolve_out_dir(None, quick=False) / "results.csv"
+    append_csv(csv_path, rows)
+    sys.stdout.write(f"appended {len(rows)} rows to {csv_path}\n")
     return 0
 
 

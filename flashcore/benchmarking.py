@@ -29,7 +29,8 @@ COLUMNS = ["name", "provider", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms", "
            "commit", "torch", "time"]
 ROOT = Path(os.environ.get("FLASHCORE_HOME", Path(__file__).resolve().parents[1]))
 BENCH_DIR = ROOT / "bench"
-RESULTS_DIR = BENCH_DIR / "results"
+RESULTS_DIR = BENCH_DIR / "results"          # the committed tables: written only when named as --out-dir
+RUNS_DIR = ROOT / "out" / "bench"             # git-ignored; one folder per run by default
 SUITES = {
     "kernels": ("bench_sampler_step", "bench_srl_loss", "bench_attention"),
     "step": ("bench_step",),
@@ -327,9 +328,9 @@ def plot(path: str | Path, title: str, rows: list[dict]) -> bool:
     return True
 
 
-def publish(name: str, title: str, rows: list[dict], out_dir: str | Path = RESULTS_DIR,
-            notes: Iterable[str] = ()) -> None:
-    """Append to ``out_dir/results.csv``; (re)write ``out_dir/<name>.md`` and ``<name>.png``."""
+def publish(name: str, title: str, rows: list[dict], out_dir: str | Path, notes: Iterable[str] = ()) -> None:
+    """Append to ``out_dir/results.csv``; (re)write ``out_dir/<name>.md`` and ``<name>.png``
+    (``resolve_out_dir`` says which folders a run may use)."""
     validate_rows(rows)
     out_dir = Path(out_dir)
     append_csv(out_dir / "results.csv", rows)
@@ -461,9 +462,31 @@ def load_bench(module: str):
     return mod
 
 
+def resolve_out_dir(out_dir: str | Path | None, *, quick: bool) -> Path:
+    """Where a run writes: ``out_dir``, or else a new folder ``out/bench/<UTC time>[-quick]``.
+
+    The committed tables in bench/results change only when that folder is named
+    explicitly, and never with a ``--quick`` smoke run (a ValueError).
+    """
+    if out_dir is not None:
+        path = Path(out_dir)
+        if quick and path.resolve().is_relative_to(RESULTS_DIR.resolve()):
+            raise ValueError(f"bench: --quick is a smoke run; it does not write to the committed {RESULTS_DIR}")
+        return path
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S") + ("-quick" if quick else "")
+    path, n = RUNS_DIR / stamp, 1
+    while path.exists():                       # two runs in the same second
+        n += 1
+        path = RUNS_DIR / f"{stamp}-{n}"
+    path.mkdir(parents=True)
+    return path
+
+
 def run_suite(suite: str, *, quick: bool = False, providers: tuple[str, ...] | None = None,
-              out_dir: str | Path = RESULTS_DIR, log: Callable[[str], None] | None = None) -> list[dict]:
-    """Run the bench modules of ``suite`` (or "all"), publish each, return all rows."""
+              out_dir: str | Path | None = None, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Run the bench modules of ``suite`` (or "all"), publish each under ``out_dir``
+    (``resolve_out_dir``), return all rows."""
+    out_dir = resolve_out_dir(out_dir, quick=quick)
     names = [m for s in SUITES.values() for m in s] if suite == "all" else list(SUITES[suite])
     rows: list[dict] = []
     for m in names:
@@ -485,13 +508,20 @@ def script_main(mod_name: str, argv=None) -> int:
     ap = argparse.ArgumentParser(description=f"flashcore benchmark {mod_name}")
     ap.add_argument("--quick", action="store_true", help="small sizes, few repeats: a smoke run")
     ap.add_argument("--providers", default=None, help="comma list of provider names or prefixes")
-    ap.add_argument("--out-dir", default=str(RESULTS_DIR))
+    ap.add_argument("--out-dir", default=None,
+                    help=f"results.csv, <name>.md and <name>.png (default: a new folder under {RUNS_DIR}; "
+                         f"{RESULTS_DIR} for the committed tables)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     a = ap.parse_args(argv)
+    try:
+        out_dir = resolve_out_dir(a.out_dir, quick=a.quick)
+    except ValueError as e:
+        ap.error(str(e))
     mod = sys.modules[mod_name]
     provs = tuple(a.providers.split(",")) if a.providers else None
     rows = mod.run(quick=a.quick, providers=provs, log=lambda s: sys.stdout.write(s + "\n"))
-    publish(mod.NAME, mod.TITLE, rows, a.out_dir, notes=getattr(mod, "NOTES", ()))
+    publish(mod.NAME, mod.TITLE, rows, out_dir, notes=getattr(mod, "NOTES", ()))
     if a.json:
         write_json(a.json, rows)
+    sys.stdout.write(f"{len(rows)} rows -> {out_dir}\n")
     return 0

@@ -310,7 +310,9 @@ def _add_bench(sub):
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats: a smoke run")
     p.add_argument("--providers", default=None,
                    help="comma list of providers (prefixes): eager,compile,flashcore,sdpa,onnxruntime")
-    p.add_argument("--out-dir", default=None, help="results.csv, <name>.md and <name>.png (default bench/results)")
+    p.add_argument("--out-dir", default=None,
+                   help="results.csv, <name>.md and <name>.png (default: a new folder under out/bench/; "
+                        "bench/results updates the committed tables, not allowed with --quick)")
     p.add_argument("--json", default=None, help="also write every row as a JSON object here")
     return p
 
@@ -318,12 +320,12 @@ def _add_bench(sub):
 def cmd_bench(a) -> int:
     from flashcore import benchmarking
     provs = tuple(a.providers.split(",")) if a.providers else None
-    rows = benchmarking.run_suite(a.suite, quick=a.quick, providers=provs,
-                                  out_dir=a.out_dir or benchmarking.RESULTS_DIR,
+    out_dir = benchmarking.resolve_out_dir(a.out_dir, quick=a.quick)
+    rows = benchmarking.run_suite(a.suite, quick=a.quick, providers=provs, out_dir=out_dir,
                                   log=lambda s: print(s, flush=True))
     if a.json:
         benchmarking.write_json(a.json, rows)
-    print(f"{len(rows)} rows -> {a.out_dir or benchmarking.RESULTS_DIR}")
+    print(f"{len(rows)} rows -> {out_dir}")
     return 0
 
 

@@ -160,6 +160,40 @@ def test_cli_bench_quick_json(tmp_path):
         assert len(list(csv.DictReader(f))) == len(rows)
 
 
+def _snapshot(folder: Path) -> dict:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_bench_without_out_dir_leaves_committed_results_alone(tmp_path, monkeypatch, capsys):
+    """A smoke run, and any run not naming --out-dir, writes a fresh run folder, never bench/results."""
+    monkeypatch.setattr(B, "RUNS_DIR", tmp_path / "runs")
+    before = _snapshot(B.RESULTS_DIR)
+    assert before                                   # the committed tables exist to be protected
+    argv = ["bench", "--suite", "kernels", "--quick", "--providers", "eager"]
+    assert cli_main(argv) == 0
+    assert cli_main(argv) == 0                      # a second run in the same second gets its own folder
+    assert _snapshot(B.RESULTS_DIR) == before
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all(r.name.endswith(("-quick", "-quick-2")) for r in runs)
+    for r in runs:
+        assert {"results.csv", "sampler_step.md", "srl_loss.md", "attention.md"} <= {p.name for p in r.iterdir()}
+    assert str(runs[-1]) in capsys.readouterr().out
+    # naming the committed folder with --quick is refused, before anything runs
+    assert cli_main(argv + ["--out-dir", str(B.RESULTS_DIR)]) == 1
+    assert "smoke run" in capsys.readouterr().err
+    assert _snapshot(B.RESULTS_DIR) == before
+
+
+def test_resolve_out_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(B, "RUNS_DIR", tmp_path / "runs")
+    assert B.resolve_out_dir(tmp_path / "mine", quick=True) == tmp_path / "mine"
+    assert B.resolve_out_dir(B.RESULTS_DIR, quick=False) == B.RESULTS_DIR      # the explicit update
+    with pytest.raises(ValueError, match="smoke run"):
+        B.resolve_out_dir(B.RESULTS_DIR / ".", quick=True)
+    full = B.resolve_out_dir(None, quick=False)
+    assert full.parent == tmp_path / "runs" and full.is_dir() and not full.name.endswith("quick")
+
+
 def test_step_and_e2e_suites_quick_without_compile(tmp_path):
     """The step suite's eager, flashcore-eager and ONNX Runtime rows on a tiny DiT
     (the compiled providers are covered by tests/test_engine.py), and the e2e rows."""
