@@ -1,13 +1,13 @@
 """Few-step deterministic DDIM sampling with classifier-free guidance and the
 t = T Noise Correction of Imagine Flash (Kohler et al., arXiv 2405.05224).
 
-For each grid time t_i (trailing grid, t_0 = T) with next time s = t_{i+1}:
+For each step of the plan (``flashcore.plan``: trailing grid, t_0 = T):
 
     1. eps_c, eps_u = model(x_t, t, c), model(x_t, t, null)   (2 NFE; 1 NFE without CFG)
-    2. x_s, x0 = sampler_step(...)                              (fused update, flashcore.ops)
+    2. x_s, x0 = plan.apply(step, ...)                          (fused update, flashcore.ops)
        with d = x_T at t == T when noise correction is on, and a_s = 1, s_s = 0 at the last step
 
-The sample is the last x0. Every update goes through ``flashcore.ops.sampler_step``.
+The sample is the last x0.
 """
 from __future__ import annotations
 
@@ -15,34 +15,35 @@ from typing import Callable
 
 import torch
 
-from .ops import sampler_step
-from .schedule import NoiseSchedule, trailing_grid
+from .plan import PlanStep, StepPlan, apply
+from .schedule import NoiseSchedule
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def step_coeffs(schedule: NoiseSchedule, grid: list[int], i: int) -> tuple[float, float, float, float]:
-    """(a_t, s_t, a_s, s_s) for step i of ``grid``; the last step lands on x0."""
-    a_t, s_t = schedule.alpha_sigma(grid[i])
-    a_s, s_s = schedule.alpha_sigma(grid[i + 1]) if i + 1 < len(grid) else (1.0, 0.0)
-    return a_t, s_t, a_s, s_s
-
-
-def denoise_step(model, schedule: NoiseSchedule, grid: list[int], i: int, x: torch.Tensor,
-                 labels: torch.Tensor, x_T: torch.Tensor, *, guidance: float = 1.0,
-                 noise_correction: bool = True, clip: float = 0.0):
-    """One sampler step from grid[i]; returns (x_next, x0)."""
-    t = grid[i]
-    tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+def denoise_step(model, step: PlanStep, x: torch.Tensor, labels: torch.Tensor, x_T: torch.Tensor, *,
+                 guidance: float = 1.0, clip: float = 0.0):
+    """One sampler step (network call(s) and update); returns (x_next, x0)."""
+    tt = torch.full((x.shape[0],), step.t, dtype=torch.long, device=x.device)
     if guidance != 1.0:
         eps_c, eps_u = model.eps_cfg(x, tt, labels)
     else:
         eps_c, eps_u = model(x, tt, labels), None
-    a_t, s_t, a_s, s_s = step_coeffs(schedule, grid, i)
-    nc = noise_correction and t == schedule.T
-    return sampler_step(x, eps_c.to(x.dtype), eps_u=None if eps_u is None else eps_u.to(x.dtype),
-                        x_T=x_T if nc else None, a_t=a_t, s_t=s_t, a_s=a_s, s_s=s_s,
-                        guidance=guidance, noise_correction=nc, clip=clip)
+    return apply(step, x, eps_c, eps_u, x_T, guidance=guidance, clip=clip)
+
+
+def run_plan(model, plan: StepPlan, x_T: torch.Tensor, labels: torch.Tensor, *, stop: int | None = None,
+             guidance: float = 1.0, clip: float = 0.0):
+    """Run the first ``stop`` steps of ``plan`` (all by default) from ``x_T``.
+
+    Returns (x, x0s): the state at ``plan.grid[stop]`` (or the last x0 when
+    all steps ran) and the x0 estimate of every step taken.
+    """
+    x, x0s = x_T, []
+    for step in plan.steps[:stop]:
+        x, x0 = denoise_step(model, step, x, labels, x_T, guidance=guidance, clip=clip)
+        x0s.append(x0)
+    return (x0s[-1] if stop is None and x0s else x), x0s
 
 
 @torch.no_grad()
@@ -56,12 +57,8 @@ def sample(model, labels: torch.Tensor, *, schedule: NoiseSchedule, steps: int,
     ``x_T`` defaults to standard normal noise from ``generator``. With
     ``return_trajectory`` also returns the list of x0 estimates per step.
     """
-    grid = grid if grid is not None else trailing_grid(steps, schedule.cfg.num_train_timesteps)
+    plan = StepPlan.build(schedule, steps, grid=grid, noise_correction=noise_correction)
     if x_T is None:
         x_T = torch.randn((len(labels),) + tuple(shape), generator=generator)
-    x, traj = x_T, []
-    for i in range(len(grid)):
-        x, x0 = denoise_step(model, schedule, grid, i, x, labels, x_T, guidance=guidance,
-                             noise_correction=noise_correction, clip=clip)
-        traj.append(x0)
+    x0, traj = run_plan(model, plan, x_T, labels, guidance=guidance, clip=clip)
     return (x0, traj) if return_trajectory else x0

@@ -21,9 +21,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .ops import sampler_step
-from .sampler import step_coeffs
-from .schedule import NoiseSchedule, ScheduleConfig, trailing_grid
+from .plan import StepPlan, apply
+from .schedule import NoiseSchedule, ScheduleConfig
 
 
 class FlashcoreScheduler(SchedulerMixin, ConfigMixin):
@@ -35,28 +34,27 @@ class FlashcoreScheduler(SchedulerMixin, ConfigMixin):
         self.schedule = NoiseSchedule(ScheduleConfig(kind=beta_schedule, num_train_timesteps=num_train_timesteps,
                                                      zero_terminal_snr=zero_terminal_snr))
         self.init_noise_sigma = 1.0
-        self.grid: list[int] = []
+        self.plan: StepPlan | None = None
         self.timesteps = torch.tensor([], dtype=torch.long)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
-        self.grid = trailing_grid(num_inference_steps, self.config.num_train_timesteps)
+        self.plan = StepPlan.build(self.schedule, num_inference_steps,
+                                   noise_correction=self.config.noise_correction)
         self.num_inference_steps = num_inference_steps
-        self.timesteps = torch.tensor(self.grid, dtype=torch.long, device=device)
+        self.timesteps = torch.tensor(self.plan.grid, dtype=torch.long, device=device)
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True, **kw):
-        if not self.grid:
+        if self.plan is None:
             raise ValueError("FlashcoreScheduler: call set_timesteps() before step()")
-        t = int(timestep)
-        if t not in self.grid:
-            raise ValueError(f"FlashcoreScheduler: timestep {t} is not on the grid {self.grid}")
-        a_t, s_t, a_s, s_s = step_coeffs(self.schedule, self.grid, self.grid.index(t))
-        nc = self.config.noise_correction and t == self.schedule.T
-        prev, x0 = sampler_step(sample, model_output.to(sample.dtype), x_T=sample if nc else None,
-                                a_t=a_t, s_t=s_t, a_s=a_s, s_s=s_s, noise_correction=nc,
-                                clip=self.config.clip_sample_range)
+        try:
+            step = self.plan[self.plan.index(timestep)]
+        except ValueError as e:
+            raise ValueError(f"FlashcoreScheduler: {e}") from None
+        # at t == T the sample passed in is x_T itself: the noise-corrected direction
+        prev, x0 = apply(step, sample, model_output, x_T=sample, clip=self.config.clip_sample_range)
         if not return_dict:
             return prev, x0
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from flashcore.sampler import denoise_step, sample
-from flashcore.schedule import NoiseSchedule, trailing_grid
+from flashcore.plan import StepPlan
+from flashcore.schedule import NoiseSchedule
 from flashcore.scheduler import FlashcoreScheduler
 
 from _fixtures import tiny_denoiser  # noqa: F401  (fixture)
@@ -52,18 +53,19 @@ class Linear:
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_noise_correction_changes_exactly_the_first_step(guidance):
-    sch, grid = NoiseSchedule(), trailing_grid(3)
+    sch = NoiseSchedule()
+    p_on, p_off = StepPlan.build(sch, 3, noise_correction=True), StepPlan.build(sch, 3, noise_correction=False)
     x_T, lab = torch.randn(8, 1, 4, 4), torch.zeros(8, dtype=torch.long)
-    on = denoise_step(Linear(), sch, grid, 0, x_T, lab, x_T, guidance=guidance, noise_correction=True)
-    off = denoise_step(Linear(), sch, grid, 0, x_T, lab, x_T, guidance=guidance, noise_correction=False)
+    on = denoise_step(Linear(), p_on[0], x_T, lab, x_T, guidance=guidance)
+    off = denoise_step(Linear(), p_off[0], x_T, lab, x_T, guidance=guidance)
     torch.testing.assert_close(on[1], off[1], rtol=0, atol=0)              # same x0
     a_s, s_s = sch.alpha_sigma(666)
     torch.testing.assert_close(on[0], a_s * on[1] + s_s * x_T)              # direction = x_T
     assert (on[0] - off[0]).abs().max() > 1e-3
     x = on[0]
     for i in (1, 2):                                                       # later steps: identical
-        a = denoise_step(Linear(), sch, grid, i, x, lab, x_T, guidance=guidance, noise_correction=True)
-        b = denoise_step(Linear(), sch, grid, i, x, lab, x_T, guidance=guidance, noise_correction=False)
+        a = denoise_step(Linear(), p_on[i], x, lab, x_T, guidance=guidance)
+        b = denoise_step(Linear(), p_off[i], x, lab, x_T, guidance=guidance)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         x = a[0]
 

@@ -11,9 +11,9 @@ compiled step would be re-traced at every grid position (and hit dynamo's
 recompile limit on a 50-step teacher). ``flashcore::engine_update`` takes them as
 one float64 tensor ``coef = [a_t, s_t, a_s, s_s, nc]`` instead: the graph sees a
 tensor input whose values may change freely. Inside (opaque to the compiler) it
-reads the floats back and calls the public ``flashcore.ops.sampler_step``, so the
-backend table, the fused kernels and the arithmetic are exactly the eager
-sampler's. float64 keeps the floats bit-identical to ``NoiseSchedule.alpha_sigma``,
+reads the floats back and applies the step with ``flashcore.plan.apply``, as the
+eager sampler does, so the backend table, the fused kernels and the arithmetic
+are exactly the eager sampler's. float64 keeps the floats bit-identical to ``NoiseSchedule.alpha_sigma``,
 which is what makes the eager engine equal ``sampler.sample`` exactly.
 """
 from __future__ import annotations
@@ -22,20 +22,18 @@ import contextlib
 
 import torch
 
-from .. import ops
-from ..schedule import NoiseSchedule
+from ..plan import COEF_FIELDS, PlanStep, StepPlan, apply
 
-COEF_FIELDS = ("a_t", "s_t", "a_s", "s_s", "noise_correction")
+__all__ = ["COEF_FIELDS", "coefficient_table", "engine_update", "make_sampler", "make_step"]
 
 
 @torch.library.custom_op("flashcore::engine_update", mutates_args=())
 def engine_update(x: torch.Tensor, eps_c: torch.Tensor, eps_u: torch.Tensor | None, x_T: torch.Tensor,
                   coef: torch.Tensor, guidance: float, clip: float,
                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    a_t, s_t, a_s, s_s, nc = coef.tolist()
-    return ops.sampler_step(x, eps_c, eps_u=eps_u, x_T=x_T, a_t=a_t, s_t=s_t, a_s=a_s, s_s=s_s,
-                            guidance=guidance, noise_correction=bool(nc), clip=clip,
-                            backend=backend or None)
+    # t is not needed by the update itself (the coefficients carry the t == T rule)
+    return apply(PlanStep.from_coef(-1, coef), x, eps_c, eps_u, x_T, guidance=guidance, clip=clip,
+                 backend=backend or None)
 
 
 @engine_update.register_fake
@@ -43,19 +41,9 @@ def _(x, eps_c, eps_u, x_T, coef, guidance, clip, backend):
     return torch.empty_like(x), torch.empty_like(x)
 
 
-def coefficient_table(schedule: NoiseSchedule, grid: list[int], noise_correction: bool) -> list[torch.Tensor]:
-    """One float64 ``coef`` tensor per grid position, in ``COEF_FIELDS`` order.
-
-    Same rule as ``sampler.step_coeffs``/``denoise_step``: the last step lands on
-    x0 (a_s = 1, s_s = 0) and noise correction applies only where t == T.
-    """
-    out = []
-    for i, t in enumerate(grid):
-        a_t, s_t = schedule.alpha_sigma(t)
-        a_s, s_s = schedule.alpha_sigma(grid[i + 1]) if i + 1 < len(grid) else (1.0, 0.0)
-        nc = 1.0 if (noise_correction and t == schedule.T) else 0.0
-        out.append(torch.tensor([a_t, s_t, a_s, s_s, nc], dtype=torch.float64))
-    return out
+def coefficient_table(plan: StepPlan) -> list[torch.Tensor]:
+    """One float64 ``coef`` tensor per step of ``plan``, in ``COEF_FIELDS`` order."""
+    return plan.coefs()
 
 
 def make_step(model, *, guidance: float, clip: float, autocast_dtype: torch.dtype | None,
