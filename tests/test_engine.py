@@ -21,7 +21,8 @@ from flashcore.ops import _dispatch, available_backends
 from flashcore.ops.linear import pack_weight
 from flashcore.sampler import sample
 from flashcore.testing import spy_backends
-from flashcore.schedule import NoiseSchedule, trailing_grid
+from flashcore.plan import StepPlan
+from flashcore.schedule import NoiseSchedule
 
 from _fixtures import TINY_DIT, TINY_UNET, tiny_denoiser  # noqa: F401  (fixture)
 
@@ -62,12 +63,12 @@ def test_bucket_for():
 
 
 def test_coefficients_follow_the_sampler_rule():
-    sch, grid = NoiseSchedule(), trailing_grid(3)
-    c = coefficient_table(sch, grid, noise_correction=True)
+    sch = NoiseSchedule()
+    c = coefficient_table(StepPlan.build(sch, 3, noise_correction=True))
     assert c[0].dtype == torch.float64
     assert c[0].tolist() == [*sch.alpha_sigma(999), *sch.alpha_sigma(666), 1.0]
     assert c[2].tolist() == [*sch.alpha_sigma(333), 1.0, 0.0, 0.0]      # last step lands on x0
-    assert coefficient_table(sch, grid, noise_correction=False)[0][4].item() == 0.0
+    assert coefficient_table(StepPlan.build(sch, 3, noise_correction=False))[0][4].item() == 0.0
 
 
 @pytest.mark.parametrize("cfg,guidance,nc,clip", [(TINY_UNET, 2.5, True, 0.0), (TINY_DIT, 1.0, True, 1.0),
@@ -129,7 +130,7 @@ def test_padding_to_a_bucket_does_not_leak_between_samples(conv):
 
 def test_engine_update_op_contract():
     x, e_c, e_u, x_T = (torch.randn(2, 1, 4, 4, dtype=torch.float64) for _ in range(4))
-    coef = coefficient_table(NoiseSchedule(), trailing_grid(2), True)[0]
+    coef = coefficient_table(StepPlan.build(NoiseSchedule(), 2))[0]
     torch.library.opcheck(engine_update, (x, e_c, e_u, x_T, coef, 2.0, 0.0, ""))
     torch.library.opcheck(engine_update, (x, e_c, None, x_T, coef, 1.0, 1.0, "reference"))
 
@@ -279,3 +280,29 @@ def test_generate_in_eager_mode_is_the_batched_sampler(tiny_denoiser):
         parts.append(sample(tiny_denoiser, labels[i:i + 2], schedule=sch, steps=2, shape=(1, 16, 16),
                             guidance=2.0, x_T=x_T))
     assert torch.equal(x, torch.cat(parts)) and secs > 0
+
+
+def test_engine_config_resolves_every_auto_once(tiny_denoiser):
+    from flashcore.engine import EngineConfig
+    sch = NoiseSchedule()
+    eager = EngineConfig(steps=3, compile=False).resolve(tiny_denoiser, sch)
+    assert (eager.linear, eager.freeze, eager.buckets, eager.fuse_qkv) == (False, False, None, False)
+    assert eager.plan.grid == (999, 666, 333) and eager.shape == (1, 16, 16)
+    bf16 = EngineConfig(steps=1, dtype=torch.bfloat16).resolve(tiny_denoiser, sch)
+    assert bf16.freeze and not bf16.linear and bf16.buckets == BUCKETS and bf16.autocast == torch.bfloat16
+    forced = EngineConfig(steps=2, compile=False, linear=True, buckets=(4,)).resolve(tiny_denoiser, sch)
+    assert forced.linear and forced.buckets == (4,) and not forced.fuse_qkv
+    with pytest.raises(TypeError, match="unknown option"):
+        Engine(tiny_denoiser, sch, steps=1, compiled=True)
+    with pytest.raises(ValueError, match="pass steps or grid"):
+        Engine(tiny_denoiser, sch, compile=False)
+    with pytest.raises(ValueError, match="descending"):
+        Engine(tiny_denoiser, sch, grid=[333, 999], compile=False)
+
+
+def test_engine_overrides_a_shared_config(tiny_denoiser):
+    from flashcore.engine import EngineConfig
+    base = EngineConfig(steps=3, compile=False, guidance=2.0)
+    eng = Engine(tiny_denoiser, NoiseSchedule(), base, steps=2)
+    assert eng.grid == [999, 499] and eng.guidance == 2.0 and base.steps == 3
+    assert eng.device == next(tiny_denoiser.parameters()).device

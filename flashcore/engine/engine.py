@@ -52,13 +52,11 @@ import types
 
 import torch
 
-from .. import ops
-from ..schedule import NoiseSchedule, trailing_grid
+from ..schedule import NoiseSchedule
+from .config import BUCKETS, GRAPHS, EngineConfig  # noqa: F401  (re-exported)
 from .linear import flashcore_linear_copy, pack_linear_weights
 from .step import coefficient_table, make_sampler, make_step
 
-BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-GRAPHS = ("step", "sampler")
 
 
 def bucket_for(n: int, buckets: tuple[int, ...] | None) -> int:
@@ -86,6 +84,11 @@ def enable_compile_cache(cache_dir: str | None = None) -> None:
 
 class Engine:
     """Compiled few-step sampler for a ``Denoiser``-like model.
+
+    ``Engine(model, schedule, config=EngineConfig(...), **options)``: the options
+    are ``EngineConfig`` fields and override ``config``; ``EngineConfig.resolve``
+    turns every "auto" into a decision (``engine.resolved``). Tensors follow the
+    model's device.
 
     Args:
         model: ``forward(x, t, labels) -> eps`` and, for guidance != 1,
@@ -117,64 +120,42 @@ class Engine:
         cache_dir: inductor cache directory (the cache is on either way).
     """
 
-    def __init__(self, model, schedule: NoiseSchedule, *, steps: int | None = None,
-                 grid: list[int] | None = None, guidance: float = 1.0, noise_correction: bool = True,
-                 clip: float = 0.0, dtype: torch.dtype = torch.float32, compile: bool = True,
-                 freeze: bool | str = "auto", buckets: tuple[int, ...] | None | str = "auto",
-                 graph: str = "step", mode: str | None = None, backend: str | None = None,
-                 shape: tuple[int, int, int] | None = None, cache_dir: str | None = None,
-                 linear: bool | str = "auto"):
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"engine: dtype must be float32 or bfloat16, got {dtype}")
-        if graph not in GRAPHS:
-            raise ValueError(f"engine: graph must be one of {GRAPHS}, got {graph!r}")
-        if linear not in (True, False, "auto"):
-            raise ValueError(f"engine: linear must be True, False or 'auto', got {linear!r}")
-        if grid is None:
-            if steps is None:
-                raise ValueError("engine: pass steps or grid")
-            grid = trailing_grid(steps, schedule.cfg.num_train_timesteps)
+    def __init__(self, model, schedule: NoiseSchedule, config: EngineConfig | None = None, **options):
+        self.config = (config or EngineConfig()).replace(**options)
+        self.resolved = r = self.config.resolve(model, schedule)
         self.model = model.eval()
-        self.schedule, self.grid = schedule, list(grid)
-        self.guidance, self.noise_correction, self.clip = float(guidance), bool(noise_correction), float(clip)
-        self.dtype, self.compiled, self.graph = dtype, bool(compile), graph
-        # the linear row: the native kernel (GEMV at small M, oneDNN above) where built, else oneDNN alone
-        built = ops.available_backends("linear")
-        self.linear_backend = next((b for b in ("cpp", "onednn") if b in built), None)
-        self.linear = (self.compiled and dtype == torch.float32 and self.linear_backend is not None
-                       if linear == "auto" else bool(linear))
-        self.freeze = (self.compiled and (dtype == torch.bfloat16 or self.linear) if freeze == "auto"
-                       else bool(freeze))
+        self.schedule, self.plan, self.grid = schedule, r.plan, list(r.plan.grid)
+        self.guidance, self.clip, self.dtype = r.guidance, r.clip, r.dtype
+        self.noise_correction = any(s.noise_correction for s in r.plan)
+        self.compiled, self.graph, self.freeze, self.buckets = r.compiled, r.graph, r.freeze, r.buckets
+        self.linear, self.linear_backend, self.fuse_qkv, self.shape = r.linear, r.linear_backend, r.fuse_qkv, r.shape
+        # every tensor the engine makes lives where the model's weights are
+        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
         # what the steps call: the model, or a copy of its module tree sharing every parameter
         # (but for the stacked q/k/v copies, made only where the weights are frozen anyway)
-        self.fuse_qkv = self.linear and self.compiled and self.freeze
-        self.net = net = (flashcore_linear_copy(self.model, fuse_qkv=self.fuse_qkv, backend=self.linear_backend)
-                          if self.linear else self.model)
-        self.buckets = (BUCKETS if compile else None) if buckets == "auto" else (tuple(buckets) if buckets else None)
-        self.shape = tuple(shape) if shape is not None else (model.cfg.channels, model.cfg.sample_size,
-                                                               model.cfg.sample_size)
+        self.net = net = (flashcore_linear_copy(self.model, fuse_qkv=r.fuse_qkv, backend=r.linear_backend)
+                          if r.linear else self.model)
         self.null_label = int(getattr(model, "null_label", 0))
-        self.coefs = coefficient_table(schedule, self.grid, self.noise_correction)
-        autocast = torch.bfloat16 if dtype == torch.bfloat16 else None
-        self._eager = {"step": make_step(net, guidance=self.guidance, clip=self.clip, autocast_dtype=autocast,
-                                         backend=backend)}
+        self.coefs = coefficient_table(r.plan)
+        self._eager = {"step": make_step(net, guidance=r.guidance, clip=r.clip, autocast_dtype=r.autocast,
+                                         backend=r.backend)}
         self._eager["sampler"] = make_sampler(self._eager["step"])
         # frozen fp32 on the native row: token-layer weights prepacked (module docstring)
         self.packed_layers = 0
-        if self.fuse_qkv and dtype == torch.float32 and self.linear_backend == "cpp":
-            x0 = torch.zeros((1,) + self.shape)
-            t0 = torch.full((1,), self.grid[0], dtype=torch.long)
-            probe = lambda: self._eager["step"](x0, x0, t0, torch.full((1,), self.null_label), self.coefs[0])  # noqa: E731
-            self.packed_layers = pack_linear_weights(net, probe)
-        self._compile_kw = dict(fullgraph=True, dynamic=False, mode=mode)
+        if r.fuse_qkv and r.dtype == torch.float32 and r.linear_backend == "cpp":
+            x0 = torch.zeros((1,) + self.shape, device=self.device)
+            t0 = torch.full((1,), self.grid[0], dtype=torch.long, device=self.device)
+            l0 = torch.full((1,), self.null_label, device=self.device)
+            self.packed_layers = pack_linear_weights(net, lambda: self._eager["step"](x0, x0, t0, l0, self.coefs[0]))
+        self._compile_kw = dict(fullgraph=True, dynamic=False, mode=r.mode)
         if self.compiled:
-            enable_compile_cache(cache_dir)
+            enable_compile_cache(r.cache_dir)
         self._fns: dict[tuple[str, int], object] = {}
         self.compile_seconds = 0.0
 
     # ------------------------------------------------------------ inputs --
     def _ts(self, n: int) -> list[torch.Tensor]:
-        return [torch.full((n,), t, dtype=torch.long) for t in self.grid]
+        return [torch.full((n,), t, dtype=torch.long, device=self.device) for t in self.grid]
 
     def _pad(self, x_T: torch.Tensor, labels: torch.Tensor, n: int):
         b = x_T.shape[0]
@@ -197,15 +178,14 @@ class Engine:
         """
         key = (graph, n)
         fn = self._fns.get(key)
-        if fn is None:
-            fn = self._eager[graph]
-            if self.compiled:
-                fn = torch.compile(fresh_function(fn), **self._compile_kw)
-            if self.compiled:
-                self._fns[key] = _SkipGuards(fn)
-                return _FirstCall(self, fn)
-            self._fns[key] = fn
-        return fn
+        if fn is not None:
+            return fn
+        if not self.compiled:
+            fn = self._fns[key] = self._eager[graph]
+            return fn
+        fn = torch.compile(fresh_function(self._eager[graph]), **self._compile_kw)
+        self._fns[key] = _SkipGuards(fn)
+        return _FirstCall(self, fn)
 
     # ----------------------------------------------------------- public --
     @torch.no_grad()
@@ -220,7 +200,7 @@ class Engine:
         if x_T.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
             x_T = x_T.clone()                 # the graphs were traced with x and x_T apart (see _sample_chunk)
         labels = self._labels(labels, b)
-        t = torch.full((b,), self.grid[i], dtype=torch.long)
+        t = torch.full((b,), self.grid[i], dtype=torch.long, device=self.device)
         return self._fn("step", b)(x, x_T, t, labels, self.coefs[i])
 
     def _state(self, x: torch.Tensor, b: int, name: str) -> torch.Tensor:
@@ -228,15 +208,14 @@ class Engine:
         if not isinstance(x, torch.Tensor) or tuple(x.shape) != (b,) + self.shape:
             raise ValueError(f"engine: {name} must have shape {(b,) + self.shape}, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        return x.to(torch.float32).contiguous()
+        return x.to(device=self.device, dtype=torch.float32).contiguous()
 
-    @staticmethod
-    def _labels(labels: torch.Tensor, b: int) -> torch.Tensor:
+    def _labels(self, labels: torch.Tensor, b: int) -> torch.Tensor:
         labels = torch.as_tensor(labels)
         if tuple(labels.shape) != (b,) or labels.is_floating_point() or labels.is_complex():
             raise ValueError(f"engine: labels must be {b} integer class ids, got {labels.dtype} "
                              f"{tuple(labels.shape)}")
-        return labels.long().contiguous()
+        return labels.to(device=self.device, dtype=torch.long).contiguous()
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, x_T: torch.Tensor | None = None,
@@ -247,7 +226,7 @@ class Engine:
         """
         labels = self._labels(labels, torch.as_tensor(labels).numel())
         if x_T is None:
-            x_T = torch.randn((len(labels),) + self.shape, generator=generator)
+            x_T = torch.randn((len(labels),) + self.shape, generator=generator)   # drawn on the CPU: same noise on every device
         if x_T.dim() and x_T.shape[0] != len(labels):
             raise ValueError(f"engine: x_T has batch {x_T.shape[0]} but there are {len(labels)} labels")
         x_T = self._state(x_T, len(labels), "x_T")
@@ -273,7 +252,7 @@ class Engine:
     def warmup(self, batch_sizes=(1,)) -> float:
         """Compile for the buckets of ``batch_sizes`` now; returns ``compile_seconds``."""
         for b in batch_sizes:
-            self.sample(torch.zeros(b, dtype=torch.long), x_T=torch.zeros((b,) + self.shape))
+            self.sample(torch.zeros(b, dtype=torch.long), x_T=torch.zeros((b,) + self.shape, device=self.device))
         return self.compile_seconds
 
     def __repr__(self) -> str:
