@@ -79,6 +79,7 @@ class NoiseSchedule:
         self.a = self.alphas_cumprod.sqrt().clamp_min(A_FLOOR)
         self.s = (1 - self.alphas_cumprod).clamp_min(0).sqrt()
         self.T = cfg.num_train_timesteps - 1
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def alpha_sigma(self, t: int) -> tuple[float, float]:
         if not 0 <= int(t) <= self.T:
@@ -87,11 +88,13 @@ class NoiseSchedule:
 
     def gather(self, t: torch.Tensor, ndim: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample a_t, s_t shaped (B, 1, 1, 1) for broadcasting."""
-        idx = t.long().cpu()
+        # indexed on t's device (no device-to-host sync on a GPU); float32 tables cached per device
+        tab = self._tables.get(t.device)
+        if tab is None:
+            tab = self._tables[t.device] = (self.a.float().to(t.device), self.s.float().to(t.device))
         shape = (-1,) + (1,) * (ndim - 1)
-        a = self.a[idx].float().view(shape).to(t.device)
-        s = self.s[idx].float().view(shape).to(t.device)
-        return a, s
+        idx = t.long()
+        return tab[0][idx].view(shape), tab[1][idx].view(shape)
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a, s = self.gather(t, x0.ndim)
