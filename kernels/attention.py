@@ -70,6 +70,36 @@ DQ_HOPPER = [cfg(8, 3, BLOCK_M=128, BLOCK_N=64), cfg(4, 3, BLOCK_M=64, BLOCK_N=6
              cfg(8, 2, BLOCK_M=64, BLOCK_N=128), cfg(4, 2, BLOCK_M=32, BLOCK_N=64)]
 
 
+@triton.jit
+def _program(H, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Where this program works: its (batch * head) index, batch and head (the grid's
+    second axis), its BLOCK_ROWS rows (first axis) and the padded head-dim lanes."""
+    bh = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    return bh, bh // H, bh % H, rows, tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+
+
+@triton.jit
+def _load_tile(base, rows, cols, s_row, s_col, n_rows, n_cols):
+    """``base[rows, cols]`` at strides (s_row, s_col), zero past n_rows / n_cols: the
+    padded rows, keys and head-dim lanes then add nothing to any product."""
+    return tl.load(base + rows[:, None] * s_row + cols[None, :] * s_col,
+                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _load_rows(base, rows, n_rows):
+    """A per-row float32 statistic (lse, Delta) of the rows, zero past n_rows."""
+    return tl.load(base + rows, mask=rows < n_rows, other=0.0)
+
+
+@triton.jit
+def _store_tile(base, rows, cols, n_rows, n_cols, val):
+    """``base[rows, cols] = val`` into a contiguous (n_rows, n_cols) output."""
+    tl.store(base + rows[:, None] * n_cols + cols[None, :], val.to(base.dtype.element_ty),
+             mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+
+
 @autotune(ampere=FWD_AMPERE, hopper=FWD_HOPPER, interp=INTERP, key=["N_Q", "N_K", "HEAD_D", "HEAD_DV"],
           fits=_fits)
 @triton.jit
@@ -78,53 +108,35 @@ def _attn_fwd(Q, K, V, O, LSE, c2,
               H, N_Q, N_K, HEAD_D, HEAD_DV,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols0 = tl.arange(0, BLOCK_N)
-    d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    row_ok = rows < N_Q
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :] * sqd,
-                mask=row_ok[:, None] & (d[None, :] < HEAD_D), other=0.0)          # (BM, BD)
+    bh, b, h, rows, d, dv = _program(H, BLOCK_M, BLOCK_D, BLOCK_DV)
+    q = _load_tile(Q + b * sqb + h * sqh, rows, d, sqm, sqd, N_Q, HEAD_D)         # (BM, BD)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for start in range(0, N_K, BLOCK_N):
-        cols = start + cols0
-        col_ok = cols < N_K
-        kt = tl.load(k_base + cols[None, :] * skn + d[:, None] * skd,
-                     mask=col_ok[None, :] & (d[:, None] < HEAD_D), other=0.0)     # (BD, BN)
+        cols = start + tl.arange(0, BLOCK_N)
+        kt = _load_tile(k_base, d, cols, skd, skn, HEAD_D, N_K)                     # (BD, BN)
         s = _dot(q, kt, DOT_F32) * c2                                              # 1.
-        s = tl.where(col_ok[None, :], s, float("-inf"))
+        s = tl.where(cols[None, :] < N_K, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))                                      # 2.
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)                                           # 3.
-        vt = tl.load(v_base + cols[:, None] * svn + dv[None, :] * svd,
-                     mask=col_ok[:, None] & (dv[None, :] < HEAD_DV), other=0.0)   # (BN, BDV)
+        vt = _load_tile(v_base, cols, dv, svn, svd, N_K, HEAD_DV)                  # (BN, BDV)
         acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_F32)
         m_i = m_new
-    acc = acc / l_i[:, None]                                                       # 4.
-    o_ptr = O + (bh * N_Q + rows[:, None]) * HEAD_DV + dv[None, :]
-    tl.store(o_ptr, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < HEAD_DV))
-    tl.store(LSE + bh * N_Q + rows, (m_i + tl.math.log2(l_i)) * _LN2, mask=row_ok)
+    _store_tile(O + bh * N_Q * HEAD_DV, rows, dv, N_Q, HEAD_DV, acc / l_i[:, None])  # 4.
+    tl.store(LSE + bh * N_Q + rows, (m_i + tl.math.log2(l_i)) * _LN2, mask=rows < N_Q)
 
 
 @triton.jit
 def _attn_bwd_delta(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, N_Q, HEAD_DV,
                     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dv = tl.arange(0, BLOCK_DV)
-    mask = (rows[:, None] < N_Q) & (dv[None, :] < HEAD_DV)
-    o = tl.load(O + b * sob + h * soh + rows[:, None] * som + dv[None, :] * sod, mask=mask, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdm + dv[None, :] * sdd, mask=mask, other=0.0)
+    bh, b, h, rows, _, dv = _program(H, BLOCK_M, BLOCK_DV, BLOCK_DV)
+    o = _load_tile(O + b * sob + h * soh, rows, dv, som, sod, N_Q, HEAD_DV)
+    do = _load_tile(DO + b * sdb + h * sdh, rows, dv, sdm, sdd, N_Q, HEAD_DV)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)                        # 0.
     tl.store(DELTA + bh * N_Q + rows, delta, mask=rows < N_Q)
 
@@ -137,43 +149,28 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, c, c2,
                    H, N_Q, N_K, HEAD_D, HEAD_DV,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)           # this program's keys
-    rows0 = tl.arange(0, BLOCK_M)
-    d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    col_ok = cols < N_K
-    k = tl.load(K + b * skb + h * skh + cols[:, None] * skn + d[None, :] * skd,
-                mask=col_ok[:, None] & (d[None, :] < HEAD_D), other=0.0)          # (BN, BD)
-    v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + dv[None, :] * svd,
-                mask=col_ok[:, None] & (dv[None, :] < HEAD_DV), other=0.0)        # (BN, BDV)
+    bh, b, h, cols, d, dv = _program(H, BLOCK_N, BLOCK_D, BLOCK_DV)              # cols: this program's keys
+    k = _load_tile(K + b * skb + h * skh, cols, d, skn, skd, N_K, HEAD_D)         # (BN, BD)
+    v = _load_tile(V + b * svb + h * svh, cols, dv, svn, svd, N_K, HEAD_DV)       # (BN, BDV)
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdb + h * sdh
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for start in range(0, N_Q, BLOCK_M):
-        rows = start + rows0
-        row_ok = rows < N_Q
-        q = tl.load(q_base + rows[:, None] * sqm + d[None, :] * sqd,
-                    mask=row_ok[:, None] & (d[None, :] < HEAD_D), other=0.0)      # (BM, BD)
-        do = tl.load(do_base + rows[:, None] * sdm + dv[None, :] * sdd,
-                     mask=row_ok[:, None] & (dv[None, :] < HEAD_DV), other=0.0)   # (BM, BDV)
-        lse = tl.load(LSE + bh * N_Q + rows, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + bh * N_Q + rows, mask=row_ok, other=0.0)
+        rows = start + tl.arange(0, BLOCK_M)
+        q = _load_tile(q_base, rows, d, sqm, sqd, N_Q, HEAD_D)                     # (BM, BD)
+        do = _load_tile(do_base, rows, dv, sdm, sdd, N_Q, HEAD_DV)                 # (BM, BDV)
+        lse = _load_rows(LSE + bh * N_Q, rows, N_Q)
+        delta = _load_rows(DELTA + bh * N_Q, rows, N_Q)
         st = _dot(k, tl.trans(q), DOT_F32) * c2                                     # (BN, BM)
         pt = tl.math.exp2(st - lse[None, :] * _LOG2E)
-        pt = tl.where(row_ok[None, :], pt, 0.0)      # padded q rows would give p = 1
+        pt = tl.where(rows[None, :] < N_Q, pt, 0.0)  # padded q rows would give p = 1
         dvacc += _dot(pt.to(do.dtype), do, DOT_F32)                                  # 1. dV
         dpt = _dot(v, tl.trans(do), DOT_F32)                                         # (BN, BM)
         dst = pt * (dpt - delta[None, :])
         dk += _dot(dst.to(q.dtype), q, DOT_F32)                                      # 1. dK / c
-    out = (bh * N_K + cols[:, None])
-    tl.store(DK + out * HEAD_D + d[None, :], (dk * c).to(DK.dtype.element_ty),
-             mask=col_ok[:, None] & (d[None, :] < HEAD_D))
-    tl.store(DV + out * HEAD_DV + dv[None, :], dvacc.to(DV.dtype.element_ty),
-             mask=col_ok[:, None] & (dv[None, :] < HEAD_DV))
+    _store_tile(DK + bh * N_K * HEAD_D, cols, d, N_K, HEAD_D, dk * c)
+    _store_tile(DV + bh * N_K * HEAD_DV, cols, dv, N_K, HEAD_DV, dvacc)
 
 
 @autotune(ampere=DQ_AMPERE, hopper=DQ_HOPPER, interp=INTERP, key=["N_Q", "N_K", "HEAD_D", "HEAD_DV"],
@@ -184,37 +181,24 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, c, c2,
                  H, N_Q, N_K, HEAD_D, HEAD_DV,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols0 = tl.arange(0, BLOCK_N)
-    d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    row_ok = rows < N_Q
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :] * sqd,
-                mask=row_ok[:, None] & (d[None, :] < HEAD_D), other=0.0)          # (BM, BD)
-    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdm + dv[None, :] * sdd,
-                 mask=row_ok[:, None] & (dv[None, :] < HEAD_DV), other=0.0)       # (BM, BDV)
-    lse = tl.load(LSE + bh * N_Q + rows, mask=row_ok, other=0.0) * _LOG2E
-    delta = tl.load(DELTA + bh * N_Q + rows, mask=row_ok, other=0.0)
+    bh, b, h, rows, d, dv = _program(H, BLOCK_M, BLOCK_D, BLOCK_DV)
+    q = _load_tile(Q + b * sqb + h * sqh, rows, d, sqm, sqd, N_Q, HEAD_D)         # (BM, BD)
+    do = _load_tile(DO + b * sdb + h * sdh, rows, dv, sdm, sdd, N_Q, HEAD_DV)     # (BM, BDV)
+    lse = _load_rows(LSE + bh * N_Q, rows, N_Q) * _LOG2E
+    delta = _load_rows(DELTA + bh * N_Q, rows, N_Q)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, N_K, BLOCK_N):
-        cols = start + cols0
-        col_ok = cols < N_K
-        k = tl.load(k_base + cols[:, None] * skn + d[None, :] * skd,
-                    mask=col_ok[:, None] & (d[None, :] < HEAD_D), other=0.0)      # (BN, BD)
-        vt = tl.load(v_base + cols[None, :] * svn + dv[:, None] * svd,
-                     mask=col_ok[None, :] & (dv[:, None] < HEAD_DV), other=0.0)   # (BDV, BN)
+        cols = start + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, cols, d, skn, skd, N_K, HEAD_D)                     # (BN, BD)
+        vt = _load_tile(v_base, dv, cols, svd, svn, HEAD_DV, N_K)                  # (BDV, BN)
         s = _dot(q, tl.trans(k), DOT_F32) * c2
-        p = tl.where(col_ok[None, :], tl.math.exp2(s - lse[:, None]), 0.0)         # (BM, BN)
+        p = tl.where(cols[None, :] < N_K, tl.math.exp2(s - lse[:, None]), 0.0)     # (BM, BN)
         dp = _dot(do, vt, DOT_F32)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, DOT_F32)                                       # 2.
-    tl.store(DQ + (bh * N_Q + rows[:, None]) * HEAD_D + d[None, :], (dq * c).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & (d[None, :] < HEAD_D))
+    _store_tile(DQ + bh * N_Q * HEAD_D, rows, d, N_Q, HEAD_D, dq * c)
 
 
 MAX_HEAD_DIM = 256

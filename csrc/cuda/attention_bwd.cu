@@ -28,6 +28,10 @@ struct BwdSmem {   // shared by both kernels: 64 owned rows (a, b), a streamed t
   static constexpr int strip_bytes = tile_bytes<T>(16, C::LDS);
   static constexpr int scratch = strip + kWarps * 2 * strip_bytes;      // per warp: 16 x 16 floats
   static constexpr int bytes = scratch + kWarps * 256 * 4;
+  struct Tiles { T *own0, *own1, *streamed0, *streamed1; };
+  static __device__ __forceinline__ Tiles tiles(unsigned char* smem) {   // the T tiles at a, b, c, d
+    return {smem_at<T>(smem, a), smem_at<T>(smem, b), smem_at<T>(smem, c), smem_at<T>(smem, d)};
+  }
 };
 
 template <typename T>
@@ -42,21 +46,6 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x % 32 == 0) delta[row] = acc;                                            // 0.
 }
 
-// Writes the lane's accumulator rows (layout of attention_common.cuh) scaled by `mult`.
-template <typename T, int ND>
-__device__ __forceinline__ void store_rows(T* __restrict__ out, const float (&acc)[ND][8], int row, int n, int D,
-                                           float mult) {
-  if (row >= n) return;
-  const int half = threadIdx.x & 1;
-#pragma unroll
-  for (int jd = 0; jd < ND; ++jd)
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int d = jd * 16 + half * 8 + i;
-      if (d < D) out[static_cast<int64_t>(row) * D + d] = from_f32<T>(acc[jd][i] * mult);
-    }
-}
-
 template <typename T, int D_PAD>
 __global__ void __launch_bounds__(kThreads)
     attn_bwd_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
@@ -64,64 +53,53 @@ __global__ void __launch_bounds__(kThreads)
                          T* __restrict__ dk, T* __restrict__ dv, int Nq, int Nk, int D, float c, float c2, bool vec) {
   using C = Tile<D_PAD>;
   using S = BwdSmem<T, D_PAD>;
-  constexpr int NB = C::STEP / 16, ND = D_PAD / 16;
   FC_DYNAMIC_SMEM(smem);
-  T* sK = reinterpret_cast<T*>(smem + S::a);
-  T* sV = reinterpret_cast<T*>(smem + S::b);
-  T* sQ = reinterpret_cast<T*>(smem + S::c);
-  T* sdO = reinterpret_cast<T*>(smem + S::d);
-  float* sL = reinterpret_cast<float*>(smem + S::rowstat);
+  const Place<D_PAD> me(smem, S::scratch);   // rows: this block's keys
+  const auto [sK, sV, sQ, sdO] = S::tiles(smem);
+  float* sL = smem_at<float>(smem, S::rowstat);
   float* sDelta = sL + C::STEP;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, half = lane & 1, r = lane >> 1;
-  T* sPt = reinterpret_cast<T*>(smem + S::strip + warp * 2 * S::strip_bytes);
-  T* sdSt = reinterpret_cast<T*>(smem + S::strip + (warp * 2 + 1) * S::strip_bytes);
-  float* scratch = reinterpret_cast<float*>(smem + S::scratch) + warp * 256;
-  const int64_t bh = blockIdx.y;
-  const int n0 = blockIdx.x * C::ROWS;
-  const T* qb = q + bh * Nq * D;
-  const T* dob = dout + bh * Nq * D;
+  T* sPt = smem_at<T>(smem, S::strip + me.warp * 2 * S::strip_bytes);
+  T* sdSt = smem_at<T>(smem, S::strip + (me.warp * 2 + 1) * S::strip_bytes);
+  const int64_t bq = me.bh * Nq;
 
-  load_tile<T, D_PAD, C::LD>(sK, k + bh * Nk * D, n0, C::ROWS, Nk, D, vec);
-  load_tile<T, D_PAD, C::LD>(sV, v + bh * Nk * D, n0, C::ROWS, Nk, D, vec);
-  float acc_dk[ND][8] = {}, acc_dv[ND][8] = {};
-  const T* kw = sK + warp * 16 * C::LD;
-  const T* vw = sV + warp * 16 * C::LD;
+  load_pair<T, D_PAD>(sK, k + me.bh * Nk * D, sV, v + me.bh * Nk * D, me.row0, C::ROWS, Nk, D, vec);
+  float acc_dk[C::ND][8] = {}, acc_dv[C::ND][8] = {};
+  const T* kw = sK + me.warp * 16 * C::LD;
+  const T* vw = sV + me.warp * 16 * C::LD;
   for (int m0 = 0; m0 < Nq; m0 += C::STEP) {
     __syncthreads();   // the previous query tile is consumed (and sK/sV are written)
-    load_tile<T, D_PAD, C::LD>(sQ, qb, m0, C::STEP, Nq, D, vec);
-    load_tile<T, D_PAD, C::LD>(sdO, dob, m0, C::STEP, Nq, D, vec);
+    load_pair<T, D_PAD>(sQ, q + bq * D, sdO, dout + bq * D, m0, C::STEP, Nq, D, vec);
     for (int i = threadIdx.x; i < C::STEP; i += kThreads) {
       const bool ok = m0 + i < Nq;
-      sL[i] = ok ? lse[bh * Nq + m0 + i] * kLog2e : 0.f;
-      sDelta[i] = ok ? delta[bh * Nq + m0 + i] : 0.f;
+      sL[i] = ok ? lse[bq + m0 + i] * kLog2e : 0.f;
+      sDelta[i] = ok ? delta[bq + m0 + i] : 0.f;
     }
     __syncthreads();
-    float pt[NB][8] = {}, dpt[NB][8] = {};
+    float pt[C::NB][8] = {}, dpt[C::NB][8] = {};
 #pragma unroll
-    for (int j = 0; j < NB; ++j) {   // S^T = K Q^T and dP^T = V dO^T: 16 keys x 16 queries per j
-      warp_mma<T, true, D_PAD>(kw, C::LD, sQ + j * 16 * C::LD, C::LD, scratch, pt[j]);
-      warp_mma<T, true, D_PAD>(vw, C::LD, sdO + j * 16 * C::LD, C::LD, scratch, dpt[j]);
+    for (int j = 0; j < C::NB; ++j) {   // S^T = K Q^T and dP^T = V dO^T: 16 keys x 16 queries per j
+      warp_mma<T, true, D_PAD>(kw, C::LD, sQ + j * 16 * C::LD, C::LD, me.scratch, pt[j]);
+      warp_mma<T, true, D_PAD>(vw, C::LD, sdO + j * 16 * C::LD, C::LD, me.scratch, dpt[j]);
     }
 #pragma unroll
-    for (int j = 0; j < NB; ++j)
+    for (int j = 0; j < C::NB; ++j)
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        const int col = j * 16 + half * 8 + i;
+        const int col = j * 16 + me.half * 8 + i;
         const float p = m0 + col < Nq ? exp2f(pt[j][i] * c2 - sL[col]) : 0.f;                   // 1.
-        sPt[r * C::LDS + col] = from_f32<T>(p);
-        sdSt[r * C::LDS + col] = from_f32<T>(p * (dpt[j][i] - sDelta[col]));
+        sPt[me.r * C::LDS + col] = from_f32<T>(p);
+        sdSt[me.r * C::LDS + col] = from_f32<T>(p * (dpt[j][i] - sDelta[col]));
       }
     __syncwarp();   // both strips complete
 #pragma unroll
-    for (int jd = 0; jd < ND; ++jd) {
-      warp_mma<T, false, C::STEP>(sPt, C::LDS, sdO + jd * 16, C::LD, scratch, acc_dv[jd]);     // dV += P^T dO
-      warp_mma<T, false, C::STEP>(sdSt, C::LDS, sQ + jd * 16, C::LD, scratch, acc_dk[jd]);     // dK += dS^T Q
+    for (int jd = 0; jd < C::ND; ++jd) {
+      warp_mma<T, false, C::STEP>(sPt, C::LDS, sdO + jd * 16, C::LD, me.scratch, acc_dv[jd]);  // dV += P^T dO
+      warp_mma<T, false, C::STEP>(sdSt, C::LDS, sQ + jd * 16, C::LD, me.scratch, acc_dk[jd]);  // dK += dS^T Q
     }
     __syncwarp();
   }
-  const int row = n0 + warp * 16 + r;
-  store_rows<T, ND>(dk + bh * Nk * D, acc_dk, row, Nk, D, c);
-  store_rows<T, ND>(dv + bh * Nk * D, acc_dv, row, Nk, D, 1.f);
+  store_rows<T, C::ND>(dk + me.bh * Nk * D, acc_dk, me.row, Nk, D, c);
+  store_rows<T, C::ND>(dv + me.bh * Nk * D, acc_dv, me.row, Nk, D, 1.f);
 }
 
 template <typename T, int D_PAD>
@@ -131,66 +109,44 @@ __global__ void __launch_bounds__(kThreads)
                        T* __restrict__ dq, int Nq, int Nk, int D, float c, float c2, bool vec) {
   using C = Tile<D_PAD>;
   using S = BwdSmem<T, D_PAD>;
-  constexpr int NB = C::STEP / 16, ND = D_PAD / 16;
   FC_DYNAMIC_SMEM(smem);
-  T* sQ = reinterpret_cast<T*>(smem + S::a);
-  T* sdO = reinterpret_cast<T*>(smem + S::b);
-  T* sK = reinterpret_cast<T*>(smem + S::c);
-  T* sV = reinterpret_cast<T*>(smem + S::d);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, half = lane & 1, r = lane >> 1;
-  T* sdS = reinterpret_cast<T*>(smem + S::strip + warp * 2 * S::strip_bytes);
-  float* scratch = reinterpret_cast<float*>(smem + S::scratch) + warp * 256;
-  const int64_t bh = blockIdx.y;
-  const int m0 = blockIdx.x * C::ROWS;
-  const int row = m0 + warp * 16 + r;
-  const T* kb = k + bh * Nk * D;
-  const T* vb = v + bh * Nk * D;
+  const Place<D_PAD> me(smem, S::scratch);   // rows: this block's queries
+  const auto [sQ, sdO, sK, sV] = S::tiles(smem);
+  T* sdS = smem_at<T>(smem, S::strip + me.warp * 2 * S::strip_bytes);
+  const int64_t bq = me.bh * Nq;
 
-  load_tile<T, D_PAD, C::LD>(sQ, q + bh * Nq * D, m0, C::ROWS, Nq, D, vec);
-  load_tile<T, D_PAD, C::LD>(sdO, dout + bh * Nq * D, m0, C::ROWS, Nq, D, vec);
-  const float lse2 = row < Nq ? lse[bh * Nq + row] * kLog2e : 0.f;
-  const float dlt = row < Nq ? delta[bh * Nq + row] : 0.f;
-  float acc[ND][8] = {};
-  const T* qw = sQ + warp * 16 * C::LD;
-  const T* dow = sdO + warp * 16 * C::LD;
+  load_pair<T, D_PAD>(sQ, q + bq * D, sdO, dout + bq * D, me.row0, C::ROWS, Nq, D, vec);
+  const bool own = me.row < Nq;
+  const float lse2 = own ? lse[bq + me.row] * kLog2e : 0.f;
+  const float dlt = own ? delta[bq + me.row] : 0.f;
+  float acc[C::ND][8] = {};
+  const T* qw = sQ + me.warp * 16 * C::LD;
+  const T* dow = sdO + me.warp * 16 * C::LD;
   for (int n0 = 0; n0 < Nk; n0 += C::STEP) {
     __syncthreads();
-    load_tile<T, D_PAD, C::LD>(sK, kb, n0, C::STEP, Nk, D, vec);
-    load_tile<T, D_PAD, C::LD>(sV, vb, n0, C::STEP, Nk, D, vec);
+    load_pair<T, D_PAD>(sK, k + me.bh * Nk * D, sV, v + me.bh * Nk * D, n0, C::STEP, Nk, D, vec);
     __syncthreads();
-    float s[NB][8] = {}, dp[NB][8] = {};
+    float s[C::NB][8] = {}, dp[C::NB][8] = {};
 #pragma unroll
-    for (int j = 0; j < NB; ++j) {
-      warp_mma<T, true, D_PAD>(qw, C::LD, sK + j * 16 * C::LD, C::LD, scratch, s[j]);      // S = Q K^T
-      warp_mma<T, true, D_PAD>(dow, C::LD, sV + j * 16 * C::LD, C::LD, scratch, dp[j]);    // dP = dO V^T
+    for (int j = 0; j < C::NB; ++j) {
+      warp_mma<T, true, D_PAD>(qw, C::LD, sK + j * 16 * C::LD, C::LD, me.scratch, s[j]);      // S = Q K^T
+      warp_mma<T, true, D_PAD>(dow, C::LD, sV + j * 16 * C::LD, C::LD, me.scratch, dp[j]);    // dP = dO V^T
     }
 #pragma unroll
-    for (int j = 0; j < NB; ++j)
+    for (int j = 0; j < C::NB; ++j)
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        const int col = j * 16 + half * 8 + i;
+        const int col = j * 16 + me.half * 8 + i;
         const float p = n0 + col < Nk ? exp2f(s[j][i] * c2 - lse2) : 0.f;
-        sdS[r * C::LDS + col] = from_f32<T>(p * (dp[j][i] - dlt));                               // 2.
+        sdS[me.r * C::LDS + col] = from_f32<T>(p * (dp[j][i] - dlt));                            // 2.
       }
     __syncwarp();
 #pragma unroll
-    for (int jd = 0; jd < ND; ++jd)
-      warp_mma<T, false, C::STEP>(sdS, C::LDS, sK + jd * 16, C::LD, scratch, acc[jd]);         // dQ += dS K
+    for (int jd = 0; jd < C::ND; ++jd)
+      warp_mma<T, false, C::STEP>(sdS, C::LDS, sK + jd * 16, C::LD, me.scratch, acc[jd]);      // dQ += dS K
     __syncwarp();
   }
-  store_rows<T, ND>(dq + bh * Nq * D, acc, row, Nq, D, c);
-}
-
-template <typename K>
-int opt_in_smem(K kern, int bytes) {
-#ifndef FLASHCORE_HOST_EMU
-  if (bytes > 48 * 1024)   // above 48 KB a kernel must opt in
-    return static_cast<int>(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-#else
-  (void)kern;
-  (void)bytes;
-#endif
-  return 0;
+  store_rows<T, C::ND>(dq + bq * D, acc, me.row, Nq, D, c);
 }
 
 template <typename T, int D_PAD>
@@ -225,7 +181,7 @@ extern "C" int fc_attention_bwd(const void* dout, const void* q, const void* k, 
                                 const float* lse, void* dq, void* dk, void* dv, float* delta, int B, int H, int Nq,
                                 int Nk, int D, int dtype, float scale, void* stream) {
   using namespace flashcore::cuda;
-  if (B <= 0 || H <= 0 || Nq <= 0 || Nk <= 0 || D <= 0) return FC_ERR_SHAPE;
+  if (!shape_ok(B, H, Nq, Nk, D)) return FC_ERR_SHAPE;
   const bool vec = vec_ok(q, D, dtype) && vec_ok(k, D, dtype) && vec_ok(v, D, dtype) && vec_ok(dout, D, dtype);
   FC_DISPATCH_DTYPE(dtype, {
     FC_DISPATCH_HEAD_DIM(D, {

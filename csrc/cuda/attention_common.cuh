@@ -1,5 +1,7 @@
-// Pieces shared by the attention forward and backward kernels: tile shapes,
-// shared-memory tile loads, and the warp-level 16x16 matrix product.
+// Pieces shared by the attention forward and backward kernels: tile shapes, a
+// thread's place in the block, shared-memory tile loads, row stores, the
+// warp-level 16x16 matrix product, and the host side's shape, padding and
+// shared-memory checks.
 //
 // Lane ownership (all kernels): a warp owns 16 rows of a tile; lane l owns row
 // l / 2 and, in every 16-column block, the 8 columns 8 (l % 2) .. 8 (l % 2) + 7.
@@ -31,7 +33,31 @@ struct Tile {
   static constexpr int ROWS = 16 * kWarps;        // rows owned by the block's warps
   static constexpr int STEP = D_PAD <= 64 ? 64 : 32;   // rows of the tile streamed per iteration
   static constexpr int LDS = STEP + 8;            // pitch of the per-warp probability strips
+  static constexpr int NB = STEP / 16;            // 16-column blocks of a streamed tile's scores
+  static constexpr int ND = D_PAD / 16;           // 16-column blocks of a head-dim accumulator
 };
+
+// This thread's place: its warp, its row r of the warp's 16 and which 8 of every 16
+// columns it owns (half; lane layout above), the block's (batch, head) slice (grid y),
+// the first of the block's ROWS owned rows (grid x) and this lane's row among them,
+// and the warp's 16 x 16 float scratch tile at byte `scratch_offset` of shared memory.
+template <int D_PAD>
+struct Place {
+  int warp, half, r;
+  int64_t bh;
+  int row0, row;
+  float* scratch;
+  __device__ Place(unsigned char* smem, int scratch_offset)
+      : warp(threadIdx.x / 32), half(threadIdx.x & 1), r((threadIdx.x % 32) >> 1), bh(blockIdx.y),
+        row0(blockIdx.x * Tile<D_PAD>::ROWS), row(row0 + warp * 16 + r),
+        scratch(reinterpret_cast<float*>(smem + scratch_offset) + warp * 256) {}
+};
+
+// A typed pointer at byte `offset` of the block's shared memory.
+template <typename U>
+__device__ __forceinline__ U* smem_at(unsigned char* smem, int offset) {
+  return reinterpret_cast<U*>(smem + offset);
+}
 
 // Bytes of a T tile of `rows` rows at pitch LD, rounded to 128 so that every
 // WMMA pointer stays 32-byte aligned.
@@ -61,6 +87,30 @@ __device__ __forceinline__ void load_tile(T* __restrict__ dst, const T* __restri
       dst[r * LD + c] = (row0 + r < n && c < D) ? src[static_cast<int64_t>(row0 + r) * D + c] : from_f32<T>(0.f);
     }
   }
+}
+
+// Two tiles of the same rows (K and V, or Q and dO) with load_tile.
+template <typename T, int D_PAD>
+__device__ __forceinline__ void load_pair(T* dst_a, const T* src_a, T* dst_b, const T* src_b, int row0, int rows,
+                                          int n, int D, bool vec) {
+  load_tile<T, D_PAD, Tile<D_PAD>::LD>(dst_a, src_a, row0, rows, n, D, vec);
+  load_tile<T, D_PAD, Tile<D_PAD>::LD>(dst_b, src_b, row0, rows, n, D, vec);
+}
+
+// Writes the lane's accumulator row (layout above) times `mult` to out[row][0..D),
+// a contiguous (n, D) output; rows past n are padding and write nothing.
+template <typename T, int ND>
+__device__ __forceinline__ void store_rows(T* __restrict__ out, const float (&acc)[ND][8], int row, int n, int D,
+                                           float mult) {
+  if (row >= n) return;
+  const int half = threadIdx.x & 1;
+#pragma unroll
+  for (int jd = 0; jd < ND; ++jd)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int d = jd * 16 + half * 8 + i;
+      if (d < D) out[static_cast<int64_t>(row) * D + d] = from_f32<T>(acc[jd][i] * mult);
+    }
 }
 
 // acc[i] += sum_k A[row][k] B(k, col_i) over one 16x16 output block, lane layout above.
@@ -107,6 +157,22 @@ inline int pad_head_dim(int D) {
 }
 
 inline int dtype_size(int dtype) { return dtype == FC_F32 ? 4 : 2; }
+
+// The shapes every attention entry point accepts (FC_ERR_SHAPE otherwise).
+inline bool shape_ok(int B, int H, int Nq, int Nk, int D) { return B > 0 && H > 0 && Nq > 0 && Nk > 0 && D > 0; }
+
+// A kernel using more than 48 KB of dynamic shared memory must opt in; 0 or a CUDA error.
+template <typename K>
+int opt_in_smem(K kern, int bytes) {
+#ifndef FLASHCORE_HOST_EMU
+  if (bytes > 48 * 1024)
+    return static_cast<int>(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+#else
+  (void)kern;
+  (void)bytes;
+#endif
+  return 0;
+}
 
 // Whether the 16-byte vector path of load_tile may read rows of D elements from p.
 inline bool vec_ok(const void* p, int D, int dtype) {

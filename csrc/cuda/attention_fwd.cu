@@ -33,37 +33,28 @@ __global__ void __launch_bounds__(kThreads)
                     float* __restrict__ lse, int Nq, int Nk, int D, float c2, bool vec) {
   using C = Tile<D_PAD>;
   using S = FwdSmem<T, D_PAD>;
-  constexpr int NB = C::STEP / 16, ND = D_PAD / 16;
   FC_DYNAMIC_SMEM(smem);
-  T* sQ = reinterpret_cast<T*>(smem + S::q);
-  T* sK = reinterpret_cast<T*>(smem + S::k);
-  T* sV = reinterpret_cast<T*>(smem + S::v);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, half = lane & 1;
-  T* sP = reinterpret_cast<T*>(smem + S::p + warp * tile_bytes<T>(16, C::LDS));
-  float* scratch = reinterpret_cast<float*>(smem + S::scratch) + warp * 256;
-  const int64_t bh = blockIdx.y;
-  const int m0 = blockIdx.x * C::ROWS;
-  const T* kb = k + bh * Nk * D;
-  const T* vb = v + bh * Nk * D;
+  const Place<D_PAD> me(smem, S::scratch);
+  T *sQ = smem_at<T>(smem, S::q), *sK = smem_at<T>(smem, S::k), *sV = smem_at<T>(smem, S::v);
+  T* sP = smem_at<T>(smem, S::p + me.warp * tile_bytes<T>(16, C::LDS));
 
-  load_tile<T, D_PAD, C::LD>(sQ, q + bh * Nq * D, m0, C::ROWS, Nq, D, vec);
+  load_tile<T, D_PAD, C::LD>(sQ, q + me.bh * Nq * D, me.row0, C::ROWS, Nq, D, vec);
   float m_i = -INFINITY, l_i = 0.f;
-  float acc[ND][8] = {};
+  float acc[C::ND][8] = {};
   for (int n0 = 0; n0 < Nk; n0 += C::STEP) {
     __syncthreads();   // every warp is done with the previous K/V tile (and sQ is written)
-    load_tile<T, D_PAD, C::LD>(sK, kb, n0, C::STEP, Nk, D, vec);
-    load_tile<T, D_PAD, C::LD>(sV, vb, n0, C::STEP, Nk, D, vec);
+    load_pair<T, D_PAD>(sK, k + me.bh * Nk * D, sV, v + me.bh * Nk * D, n0, C::STEP, Nk, D, vec);
     __syncthreads();
-    float s[NB][8] = {};
+    float s[C::NB][8] = {};
     #pragma unroll
-    for (int j = 0; j < NB; ++j)                                                    // 1.
-      warp_mma<T, true, D_PAD>(sQ + warp * 16 * C::LD, C::LD, sK + j * 16 * C::LD, C::LD, scratch, s[j]);
+    for (int j = 0; j < C::NB; ++j)                                                 // 1.
+      warp_mma<T, true, D_PAD>(sQ + me.warp * 16 * C::LD, C::LD, sK + j * 16 * C::LD, C::LD, me.scratch, s[j]);
     float mx = -INFINITY;
     #pragma unroll
-    for (int j = 0; j < NB; ++j)
+    for (int j = 0; j < C::NB; ++j)
       #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        const bool ok = n0 + j * 16 + half * 8 + i < Nk;
+        const bool ok = n0 + j * 16 + me.half * 8 + i < Nk;
         s[j][i] = ok ? s[j][i] * c2 : -INFINITY;
         mx = fmaxf(mx, s[j][i]);
       }
@@ -72,39 +63,28 @@ __global__ void __launch_bounds__(kThreads)
     const float alpha = exp2f(m_i - m_new);
     float sum = 0.f;
     #pragma unroll
-    for (int j = 0; j < NB; ++j)
+    for (int j = 0; j < C::NB; ++j)
       #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const float p = exp2f(s[j][i] - m_new);
         sum += p;
-        sP[(lane >> 1) * C::LDS + j * 16 + half * 8 + i] = from_f32<T>(p);
+        sP[me.r * C::LDS + j * 16 + me.half * 8 + i] = from_f32<T>(p);
       }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     l_i = l_i * alpha + sum;                                                        // 3.
     m_i = m_new;
     #pragma unroll
-    for (int jd = 0; jd < ND; ++jd)
+    for (int jd = 0; jd < C::ND; ++jd)
       #pragma unroll
       for (int i = 0; i < 8; ++i) acc[jd][i] *= alpha;
     __syncwarp();      // the warp's P strip is complete
     #pragma unroll
-    for (int jd = 0; jd < ND; ++jd)
-      warp_mma<T, false, C::STEP>(sP, C::LDS, sV + jd * 16, C::LD, scratch, acc[jd]);
+    for (int jd = 0; jd < C::ND; ++jd)
+      warp_mma<T, false, C::STEP>(sP, C::LDS, sV + jd * 16, C::LD, me.scratch, acc[jd]);
     __syncwarp();      // P is consumed before the next tile overwrites it
   }
-  const int row = m0 + warp * 16 + (lane >> 1);                                     // 4.
-  if (row < Nq) {
-    const float inv = 1.f / l_i;
-    T* orow = o + (bh * Nq + row) * D;
-    #pragma unroll
-    for (int jd = 0; jd < ND; ++jd)
-      #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int d = jd * 16 + half * 8 + i;
-        if (d < D) orow[d] = from_f32<T>(acc[jd][i] * inv);
-      }
-    if (half == 0) lse[bh * Nq + row] = (m_i + log2f(l_i)) * kLn2;
-  }
+  store_rows<T, C::ND>(o + me.bh * Nq * D, acc, me.row, Nq, D, 1.f / l_i);        // 4.
+  if (me.row < Nq && me.half == 0) lse[me.bh * Nq + me.row] = (m_i + log2f(l_i)) * kLn2;
 }
 
 template <typename T, int D_PAD>
@@ -112,12 +92,7 @@ int launch_fwd(const void* q, const void* k, const void* v, void* o, float* lse,
                int D, float scale, bool vec, void* stream) {
   auto kern = attn_fwd_kernel<T, D_PAD>;
   const int smem = FwdSmem<T, D_PAD>::bytes;
-#ifndef FLASHCORE_HOST_EMU
-  if (smem > 48 * 1024) {   // above 48 KB a kernel must opt in
-    const cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return static_cast<int>(e);
-  }
-#endif
+  if (int e = opt_in_smem(kern, smem)) return e;
   const dim3 grid(static_cast<unsigned>(ceil_div(Nq, Tile<D_PAD>::ROWS)), static_cast<unsigned>(B * H));
   FC_LAUNCH(kern, grid, kThreads, smem, stream, static_cast<const T*>(q), static_cast<const T*>(k),
             static_cast<const T*>(v), static_cast<T*>(o), lse, Nq, Nk, D, scale * kLog2e, vec);
@@ -130,7 +105,7 @@ int launch_fwd(const void* q, const void* k, const void* v, void* o, float* lse,
 extern "C" int fc_attention_fwd(const void* q, const void* k, const void* v, void* o, float* lse, int B, int H,
                                 int Nq, int Nk, int D, int dtype, float scale, void* stream) {
   using namespace flashcore::cuda;
-  if (B <= 0 || H <= 0 || Nq <= 0 || Nk <= 0 || D <= 0) return FC_ERR_SHAPE;
+  if (!shape_ok(B, H, Nq, Nk, D)) return FC_ERR_SHAPE;
   const bool vec = vec_ok(q, D, dtype) && vec_ok(k, D, dtype) && vec_ok(v, D, dtype);
   FC_DISPATCH_DTYPE(dtype, {
     FC_DISPATCH_HEAD_DIM(D, { return launch_fwd<T, D_PAD>(q, k, v, o, lse, B, H, Nq, Nk, D, scale, vec, stream); })
