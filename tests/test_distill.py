@@ -161,6 +161,7 @@ def _reference_two_ranks(teacher: str, iters: int):
     return ranks[0], srl
 
 
+@pytest.mark.slow
 def test_two_processes_match_the_one_process_contract(tiny_teacher, tmp_path):
     """torchrun, 2 processes, gloo: the update is the global batch's mean-loss
     gradient (checked against the same arithmetic done in one process), rank 0
@@ -225,6 +226,7 @@ def test_validation_refuses_a_classifier_for_other_data(tiny_teacher, tmp_path):
                 progress=False)
 
 
+@pytest.mark.slow
 def test_ablate_writes_table_and_picture_and_does_not_retrain(tiny_teacher, tiny_classifier, tmp_path, capsys):
     out = str(tmp_path / "abl")
     args = ["ablate", "--teacher", tiny_teacher, "--steps", "2", "--out", out, "--iters", "2", "--batch-size", "4",

@@ -4,7 +4,13 @@
    Triton's own compiler, within the generation's register and shared-memory
    limits, and the attention kernels emit tensor-core instructions.
 2. CUDA C++: every kernel file compiles with nvcc for sm_80 and sm_90a with
-   warnings as errors (the torch binding, 40-60 s, only under ``-m slow``).
+   warnings as errors.
+
+Slow (``-m slow``, ``make test-slow``): the Triton builds (one subprocess
+compiling every kernel and variant, ~30-60 s from a cold Triton cache), the
+nvcc build of attention_bwd.cu (~20-35 s an arch) and of the torch binding
+(~60 s). The quick set keeps nvcc for the other kernel files and the host
+emulation.
 3. CUDA C++ logic: the same kernel sources, built by g++ against the host
    emulation (csrc/cuda/host_emu.h), run their whole grid on the CPU through
    the raw-pointer launchers and match the ops' references.
@@ -60,6 +66,7 @@ def triton_builds(tmp_path_factory):
     return [report.Built(**r) for r in json.loads(out.read_text())]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", [f"sm_{a}" for a in report.ARCHS])
 @pytest.mark.parametrize("name", TRITON_KERNELS)
 def test_triton_kernel_compiles_for_gpu(triton_builds, name, arch):
@@ -72,6 +79,7 @@ def test_triton_kernel_compiles_for_gpu(triton_builds, name, arch):
             assert b.mma == ("wgmma" if arch == "sm_90" else "mma.sync"), f"attention off the tensor cores: {b}"
 
 
+@pytest.mark.slow
 def test_triton_variants_cover_dtypes_and_odd_head_dims(triton_builds):
     variants = {b.variant.split()[0] + " " + b.variant.split()[1] for b in triton_builds if b.kernel == "attn_fwd"}
     assert {"fp16 d=64", "bf16 d=64", "fp32 d=64", "fp16 d=80", "fp16 d=128"} <= variants
@@ -84,7 +92,8 @@ needs_nvcc = pytest.mark.skipif(not report.nvcc(), reason="nvcc not found")
 
 @needs_nvcc
 @pytest.mark.parametrize("arch", sorted(report.NVCC_ARCHS))
-@pytest.mark.parametrize("src", [p.name for p in report.kernel_sources()])
+@pytest.mark.parametrize("src", [pytest.param(p.name, marks=[pytest.mark.slow] if p.name == "attention_bwd.cu" else [])
+                                 for p in report.kernel_sources()])
 def test_cuda_kernel_compiles_with_nvcc(src, arch, tmp_path):
     # attention files: two of the four padded head dims (one per tile shape) keep CI quick;
     # bench/gpu_build_report.py compiles all of them

@@ -24,6 +24,7 @@ def weights(run):
     return load_file(os.path.join(run, "state", "weights.safetensors"))
 
 
+@pytest.mark.slow
 def test_resume_continues_bit_for_bit(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     train_teacher(tiny_cfg(), a, progress=False)
