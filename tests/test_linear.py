@@ -61,16 +61,21 @@ def test_matches_oracle(backend, shape, dtype, variant):
 
 @pytest.mark.parametrize("backend", testing.cpu_backends(OP))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout", ["strided", "transposed", "weight-transposed"])
+@pytest.mark.parametrize("layout", ["strided", "transposed", "weight-transposed", "bias-expanded",
+                                    "bias-strided"])
 def test_layouts_match_oracle(backend, dtype, layout):
     x, w, b = _inputs((3, 9, 40), 24, dtype)
     if layout == "strided":
         x = testing.make_noncontiguous(x)                              # every other element
     elif layout == "transposed":
         x = x.transpose(0, 1).contiguous().transpose(0, 1)             # dense, not contiguous
-    else:
+    elif layout == "weight-transposed":
         w = w.t().contiguous().t()                                     # W stored as (K, N)
-    assert not (x.is_contiguous() and w.is_contiguous())
+    elif layout == "bias-expanded":
+        b = b[:1].expand(24)                                           # stride 0: oneDNN read past its end
+    else:
+        b = testing.make_noncontiguous(b)                              # stride 2: oneDNN read b[0..N)
+    assert not (x.is_contiguous() and w.is_contiguous() and b.is_contiguous())
     _check(backend, x, w, b, "gelu_tanh")
 
 

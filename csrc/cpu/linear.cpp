@@ -159,32 +159,38 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::
   }
   auto out_shape = x.sizes().vec();
   out_shape.back() = N;
-  const at::Tensor x2 = x.reshape({-1, K});
-  const int64_t M = x2.size(0);
+  const int64_t M = x.numel() / K;
   if (M == 0) return at::empty(out_shape, x.options());
+  // Every path below reads x, W and b as dense row-major arrays, so any other layout is
+  // copied here, once (a no-op for the usual contiguous tensors). Not left to oneDNN:
+  // mkldnn::_linear_pointwise makes its input contiguous but hands the bias's storage to
+  // the inner product as if it were dense, so an expanded (stride 0) or stepped bias was
+  // read wrongly, past its end for an expanded one. The weight is normalised too rather
+  // than trusting oneDNN's strided weight descriptors. (b is N elements: the copy is free.)
+  const at::Tensor x2 = x.reshape({M, K}).contiguous();
+  const at::Tensor w = weight.is_mkldnn() ? weight : weight.contiguous();
+  const std::optional<at::Tensor> b = bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   const auto& onednn = onednn_linear();
   const int64_t gemv_rows = x.scalar_type() == at::kFloat ? kGemvRows<float> : kGemvRows<c10::BFloat16>;
   // A weight in oneDNN's own layout (ops.linear.pack_weight) goes to oneDNN at any M.
   TORCH_CHECK(!weight.is_mkldnn() || onednn, op, ": weight is in oneDNN's layout but this torch has no oneDNN linear");
   if (M > gemv_rows || weight.is_mkldnn()) {
     if (!onednn) {  // no oneDNN in this torch
-      auto z = at::linear(x2, weight, bias);
+      auto z = at::linear(x2, w, b);
       if (act != Act::kNone) z = at::gelu(z, act == Act::kGeluTanh ? "tanh" : "none");
       return z.view(out_shape);
     }
     const bool post = act != Act::kNone;
     const std::optional<c10::string_view> algo = act == Act::kGeluTanh ? c10::string_view("tanh")
                                                                        : c10::string_view(post ? "none" : "");
-    auto y = onednn->call(x2, weight, bias, post ? "gelu" : "none", c10::List<std::optional<at::Scalar>>(), algo);
+    auto y = onednn->call(x2, w, b, post ? "gelu" : "none", c10::List<std::optional<at::Scalar>>(), algo);
     return y.view(out_shape);
   }
-  const at::Tensor xc = x2.contiguous(), wc = weight.contiguous();
-  const std::optional<at::Tensor> bc = bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   auto y = at::empty({M, N}, x.options());
   if (x.scalar_type() == at::kFloat) {
-    gemv<float>(xc, wc, bc, y, act);
+    gemv<float>(x2, w, b, y, act);
   } else {
-    gemv<c10::BFloat16>(xc, wc, bc, y, act);
+    gemv<c10::BFloat16>(x2, w, b, y, act);
   }
   return y.view(out_shape);
 }

@@ -9,7 +9,11 @@ sits behind ``flashcore::linear``. ``attr`` is a oneDNN post-op: "none", or
 What the row takes (anything else falls back to the reference, see ``_dispatch``):
 CPU tensors, float32 or bfloat16 (float64 and float16 are refused by oneDNN's
 inner product here), K > 0 and N > 0, torch built with oneDNN. Any strides:
-the input is flattened to (M, K) (a copy only when the view cannot be made).
+the input is flattened to (M, K) (a copy only when the view cannot be made) and
+``_linear_pointwise`` makes it contiguous itself; a weight or bias that is not
+contiguous is copied here first, because the call hands the bias's storage to
+oneDNN as if it were dense (an expanded bias was read past its end, a stepped
+one gave wrong sums) and its strided weight path is not a documented contract.
 """
 from __future__ import annotations
 
@@ -30,6 +34,10 @@ def _available() -> bool:
 
 def _linear(x, weight, bias, activation):
     attr, algorithm = _POST_OPS[activation]
+    if not weight.is_mkldnn and not weight.is_contiguous():
+        weight = weight.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
     if x.dim() == 2:                                                     # the reshapes cost ~1 us a call
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
     x2 = x.reshape(-1, x.shape[-1])                                      # (M, K)
