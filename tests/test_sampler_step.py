@@ -231,6 +231,16 @@ def test_out_bad_buffers_raise_clearly(backend):
                      out=(good, big[5:35].view(2, 3, 5)), **SCHED)
     with pytest.raises(ValueError, match=r"\(x_next\) and out\[1\] \(x0\) share memory"):
         call((good, good))
+    # elements at one address: a broadcast view, an overlapping as_strided view (no stride 0)
+    with pytest.raises(ValueError, match=r"out\[0\] \(x_next\) has elements that share memory"):
+        call((torch.empty(1, 3, 5).expand(2, 3, 5), torch.empty_like(good)))
+    with pytest.raises(ValueError, match=r"out\[1\] \(x0\) has elements that share memory"):
+        call((good, torch.empty(40).as_strided((2, 3, 5), (5, 5, 1))))
+    # a layout the quick test cannot clear (strides 2 and 3 interleave) but that is disjoint
+    sparse = torch.full((30,), float("nan")).as_strided((3, 2), (2, 3))
+    x6, e6 = torch.randn(3, 2), torch.randn(3, 2)
+    got = sampler_step(x6, e6, backend=backend, out=(sparse, torch.empty(3, 2)), **SCHED)
+    torch.testing.assert_close(got[0], sampler_step(x6, e6, backend=backend, **SCHED)[0], rtol=0, atol=0)
     # no autograd through out=
     with pytest.raises(ValueError, match="out= does not support autograd"):
         sampler_step(x.requires_grad_(), ec, eps_u=eu, x_T=xT, noise_correction=True, backend=backend,
@@ -301,8 +311,10 @@ def test_native_out_checks_raise_not_crash():
         native(x, ec, None, None, *k, x.double(), torch.empty_like(x))
     with pytest.raises(RuntimeError, match="sampler_step: x0 has shape"):
         native(x, ec, None, None, *k, torch.empty_like(x), torch.empty(3, 2))
-    with pytest.raises(RuntimeError, match="sampler_step: x0 has overlapping elements"):
+    with pytest.raises(RuntimeError, match="sampler_step: x0 has elements that share memory"):
         native(x, ec, None, None, *k, torch.empty_like(x), torch.empty(1, 3).expand(2, 3))
+    with pytest.raises(RuntimeError, match="sampler_step: x_next has elements that share memory"):
+        native(x, ec, None, None, *k, torch.empty(4).as_strided((2, 3), (1, 1)), torch.empty_like(x))
     with pytest.raises(RuntimeError, match="sampler_step: x_next shares memory with eps_c"):
         native(x, ec, None, None, *k, ec, torch.empty_like(x))
     with pytest.raises(RuntimeError, match="sampler_step: x_next shares memory with x0"):

@@ -11,9 +11,12 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 namespace flashcore::cpu {
 
@@ -133,13 +136,44 @@ inline bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
   return a0 < b1 && b0 < a1;
 }
 
-// An out= tensor: on the CPU, of the input's dtype and shape, no element written twice
-// (an expanded tensor), and sharing no memory with the inputs (checked by the caller).
+// Do two elements of t share memory? at::has_internal_overlap is sure only of "no" (a
+// dense tensor) and "yes" (a stride-0 dimension); its "too hard" (a stepped slice, an
+// as_strided view) is decided here, exactly. Sorted by stride, a dimension whose stride
+// steps past everything the smaller ones span cannot meet them (slices pass this);
+// the rare layouts that fail it have their element offsets counted.
+inline bool has_internal_overlap_exact(const at::Tensor& t) {
+  const auto o = at::has_internal_overlap(t);
+  if (o != at::MemOverlap::TooHard) return o == at::MemOverlap::Yes;
+  if (t.numel() == 0) return false;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims of size > 1
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 0;
+  bool separated = true;
+  for (const auto& [st, n] : dims) {
+    if (st <= span) {
+      separated = false;
+      break;
+    }
+    span += (n - 1) * st;
+  }
+  if (separated) return false;
+  at::Tensor off = at::zeros({1}, at::kLong);
+  for (int64_t d = 0; d < t.dim(); ++d)
+    off = (off.unsqueeze(1) + at::arange(t.size(d), at::kLong) * t.stride(d)).flatten();
+  return std::get<0>(at::_unique(off, /*sorted=*/false)).numel() < t.numel();
+}
+
+// An out= tensor: on the CPU, of the input's dtype and shape, no two elements at one
+// address (an expanded or overlapping view: one of two writes would be lost), and
+// sharing no memory with the inputs (checked by the caller).
 inline void check_out(const char* op, const char* name, const at::Tensor& out, const char* ref_name,
                       const at::Tensor& ref) {
   check_same(op, name, out, ref_name, ref);
-  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, op, ": ", name,
-              " has overlapping elements (an expanded or broadcast view); pass a dense tensor");
+  TORCH_CHECK(!has_internal_overlap_exact(out), op, ": ", name,
+              " has elements that share memory (an expanded, broadcast or overlapping view); "
+              "pass a tensor whose elements are distinct");
 }
 
 inline void check_no_alias(const char* op, const char* name, const at::Tensor& out, const char* other_name,

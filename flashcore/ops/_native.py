@@ -12,11 +12,14 @@ warning, through ``supports``):
   float16/bfloat16/float32/float64, any layout.
   Inputs that share a dense layout (contiguous, channels-last, a transposed view) are
   walked flat with no copy; other strides are copied once into the output's layout
-  inside the kernel (a correct, slower path rather than a fallback).
+  inside the kernel (a correct, slower path rather than a fallback). out= buffers may
+  have any strides (gaps or two layouts: computed densely, then copied) but not two
+  elements at one address (a broadcast view): the kernel refuses those.
 - attention, attention_bwd: float32/bfloat16/float64 (float16 falls back), any head
   dim, any strides (a (B, N, H, D) tensor viewed as (B, H, N, D) is read in place);
   at least one key and non-empty head dims.
-- linear: float32/bfloat16, K > 0 and N > 0, any strides (x is flattened to (M, K)).
+- linear: float32/bfloat16, K > 0 and N > 0, any strides: the kernel copies an x, W or b
+  that is not contiguous once (x flattened to (M, K)) and then reads dense arrays.
 """
 from __future__ import annotations
 

@@ -19,8 +19,9 @@ kernels compute all five lines in one pass over memory.
 ``flashcore::sampler_step_out``, which mutates them): a sampler loop calls the
 update every step, and fresh outputs above glibc's mmap threshold are mapped
 and page-faulted on every call, which costs more than the update itself. The
-buffers must match ``x_t`` in shape, dtype and device and share no memory with
-the inputs or each other; out= does not record autograd. Backends with an
+buffers must match ``x_t`` in shape, dtype and device, may have any strides but
+no two elements at one address (an expanded view is refused), and share no
+memory with the inputs or each other; out= does not record autograd. Backends with an
 in-place kernel (``cpp``) write directly; the others compute and copy.
 
 Backends: ``reference`` (this file), then rows registered by the native
@@ -156,6 +157,7 @@ def _sampler_step_out_impl(x_t, eps_c, eps_u, x_T, a_t, s_t, a_s, s_s, guidance,
         raise ValueError(f"{OP}: out= does not support autograd, but an input requires grad; "
                          f"call it under torch.no_grad() or without out=")
     for oname, o in (("out[0] (x_next)", x_next), ("out[1] (x0)", x0)):
+        _checks.out_tensor(OP, oname, o)
         for iname, t in ins.items():
             if t is not None and _shares_memory(o, t):
                 raise ValueError(f"{OP}: {oname} shares memory with {iname}; out= buffers must not alias "
@@ -204,7 +206,8 @@ def sampler_step(x_t: torch.Tensor, eps_c: torch.Tensor, *, a_t: float, s_t: flo
         clip: clamp x0 to ``[-clip, clip]`` when > 0.
         backend: ``reference``/``cpp``/``cuda``/``triton``/``auto`` or None (context, env, auto).
         out: optional pair ``(x_s, x0)`` of buffers to write into (shape, dtype and device of
-            ``x_t``; no memory shared with the inputs or each other; no autograd).
+            ``x_t``; any strides, but no two elements at one address; no memory shared
+            with the inputs or each other; no autograd).
     Returns:
         ``(x_s, x0)`` in the dtype of ``x_t``: the ``out`` tensors when given.
     """
