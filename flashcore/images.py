@@ -1,10 +1,10 @@
 """Image grids as PNG files (no plotting library needed)."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
+
+from .checkpoint import atomic_write
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -25,14 +25,13 @@ def grid(x: torch.Tensor, nrow: int, pad: int = 2, pad_value: int = 255) -> np.n
 
 
 def save_png(arr: np.ndarray, path: str, scale: int = 1) -> None:
+    """Write atomically under a unique temporary name: concurrent writers of one path
+    never share a file, and readers see a whole PNG."""
     from PIL import Image
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     im = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
     if scale != 1:
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    tmp = path + ".tmp.png"
-    im.save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
 
 
 def labelled_rows(rows: list[tuple[str, torch.Tensor]], path: str, title: str | None = None) -> None:
@@ -58,8 +57,7 @@ def labelled_rows(rows: list[tuple[str, torch.Tensor]], path: str, title: str | 
         fig.text((label_in - 0.1) / fig_w, (bottom + img_h / 2) / fig_h, label, ha="right", va="center", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10, y=1 - 0.12 / fig_h, va="top")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)

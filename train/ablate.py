@@ -53,9 +53,8 @@ def _eval_cached(path: str, model: str, classifier: str, steps: int, samples: in
 
 
 def _finished(run_dir: str, iters: int) -> bool:
-    if not common.has_state(run_dir):
-        return False
-    return read_json(os.path.join(run_dir, "state", "state.json"))["step"] >= iters
+    step = common.saved_step(run_dir)
+    return step is not None and step >= iters
 
 
 def row_command(cfg: DistillConfig, run_dir: str, flag: str, flags_of) -> str:
@@ -66,6 +65,18 @@ def ablate(base: DistillConfig, out: str, classifier: str, *, samples: int = 100
            variants: list[str] | None = None, flags_of=None, progress: bool = True,
            command: str | None = None) -> dict:
     """Train and evaluate every variant; returns the results dict written to ablation.json."""
+    with common.run_folder(out, resume=None, what="ablate"):
+        try:
+            return _ablate(base, out, classifier, samples=samples, variants=variants, flags_of=flags_of,
+                           progress=progress, command=command)
+        except common.Interrupted as e:          # resuming an ablation is running it again, not --resume
+            raise common.RunError(f"ablate: interrupted by {e.signame} at iteration {e.step} of {e.total} of "
+                                  f"{e.run_dir!r}; its checkpoint is saved, run the same ablate command again "
+                                  f"to continue") from None
+
+
+def _ablate(base: DistillConfig, out: str, classifier: str, *, samples: int, variants: list[str] | None,
+            flags_of, progress: bool, command: str | None) -> dict:
     from flashcore.evaluate import generate
     from flashcore.images import labelled_rows
     from flashcore.models import load_pretrained

@@ -8,13 +8,21 @@ A run directory holds:
     <export>/                   the EMA model as a loadable checkpoint (save_pretrained)
     samples/step_XXXXXX.png     a sample grid at each checkpoint
     loss.csv                    step, loss, seconds
+    .lock                       while a run holds the folder: its pid (``run_folder``)
+
+``state/`` is replaced as one directory (flashcore.checkpoint.write_dir): a
+crash during a save leaves the new state or the previous one, which
+``load_state`` finds. docs/checkpoints.md has the details.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import fcntl
 import math
 import os
+import shutil
 import signal
 import time
 
@@ -27,23 +35,152 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class RunError(ValueError):
+    """A run that cannot start or did not finish (the CLI prints it as one error line)."""
+
+
+class RunLocked(RunError):
+    """Another live process holds the run folder."""
+
+
+class Interrupted(RunError):
+    """The run stopped on Ctrl-C or SIGTERM after saving its checkpoint."""
+
+    def __init__(self, what: str, unit: str, step: int, total: int, run_dir: str, signame: str):
+        self.what, self.unit, self.step, self.total, self.run_dir, self.signame = \
+            what, unit, step, total, run_dir, signame
+        super().__init__(f"{what}: interrupted by {signame} at {unit} {step} of {total}; checkpoint saved in "
+                         f"{run_dir!r}, resume with --resume")
+
+
 class GracefulStop:
-    """First Ctrl-C or SIGTERM: finish the current step, checkpoint, return.
-    A second Ctrl-C interrupts at once (the last checkpoint is kept)."""
+    """First Ctrl-C or SIGTERM: finish the current step, checkpoint, then
+    ``raise_if_stopped`` says so. A second Ctrl-C interrupts at once (the last
+    checkpoint is kept)."""
 
     def __init__(self):
         self.requested = False
+        self.signum = None
         self._old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         for s in self._old:
             signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
+        self.signum = signum
         signal.signal(signal.SIGINT, self._old[signal.SIGINT])
 
     def restore(self):
         for s, h in self._old.items():
             signal.signal(s, h)
+
+    def raise_if_stopped(self, what: str, unit: str, step: int, total: int, run_dir: str) -> None:
+        """After the final checkpoint: a stopped run is not a finished one, so it raises
+        ``Interrupted`` (the CLI exits 1 with that line) instead of returning."""
+        if self.requested:
+            name = signal.Signals(self.signum).name if self.signum else "a signal"
+            raise Interrupted(what, unit, step, total, run_dir, name)
+
+
+# ---- the run folder: created, locked, cleaned up ----------------------------------------------
+
+class _FolderLock:
+    """An exclusive ``flock`` on ``RUN/.lock``, which holds the owner's pid. The kernel
+    drops the lock when its process dies, so a file left by a killed run does not block."""
+
+    def __init__(self, run_dir: str, what: str):
+        self.path = os.path.join(run_dir, ".lock")
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise RunLocked(f"{what}: {run_dir!r} is in use by another run (pid {holder}); wait for it to "
+                                f"finish or use another --out") from None
+            # the previous holder may have removed the file between our open and flock: lock the new one
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        try:
+            if os.path.samestat(os.fstat(self.fd), os.stat(self.path)):
+                os.remove(self.path)          # while still locked: nobody can hold a removed file's lock
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+
+
+def holds_checkpoint(path: str) -> bool:
+    """Whether ``path`` or a folder below it holds a completed training state."""
+    return any(has_state(root) for root, _, _ in os.walk(path))
+
+
+@contextlib.contextmanager
+def run_folder(run_dir: str, *, resume: bool | None, what: str, lead: bool = True):
+    """Hold ``run_dir`` for one run: create it, lock it against a second writer, check
+    that it holds a run to resume (``resume=True``) or none (``False``; ``None``: either).
+    If the body fails, a folder created by this call that holds no completed checkpoint
+    is removed again; a folder that was there before, or a resumable run, never is.
+    ``lead=False`` (other ranks of a multi-process run): the checks only."""
+    if not lead:
+        _check_resume(run_dir, resume, what)
+        yield
+        return
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunError(f"{what}: {run_dir!r} exists and is not a directory")
+    missing, d = [], os.path.abspath(run_dir)
+    while not os.path.exists(d):
+        missing.append(d)
+        d = os.path.dirname(d)
+    created = []                         # the folders this call made, deepest first
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+            created.insert(0, d)
+        except FileExistsError:          # another process made it first: it is not ours to remove
+            pass
+    lock = _FolderLock(run_dir, what)    # on failure the folder is another run's: leave it
+    ok = False
+    try:
+        for d in (run_dir, os.path.join(run_dir, "samples")):
+            ck.remove_stale_temps(d)     # a killed writer's leftovers; we hold the folder now
+        _check_resume(run_dir, resume, what)
+        yield
+        ok = True
+    finally:
+        try:
+            if not ok:
+                _remove_created(created, run_dir)
+        finally:
+            lock.release()
+
+
+def _check_resume(run_dir: str, resume: bool | None, what: str) -> None:
+    if resume is False and has_state(run_dir):
+        raise RunError(f"{what}: {run_dir!r} already holds a run; pass --resume or use a new --out")
+    if resume is True and not has_state(run_dir):
+        raise RunError(f"{what}: nothing to resume in {run_dir!r}")
+
+
+def _remove_created(created: list[str], run_dir: str) -> None:
+    if not created or created[0] != os.path.abspath(run_dir) or holds_checkpoint(run_dir):
+        return
+    shutil.rmtree(created[0], ignore_errors=True)
+    for d in created[1:]:                # parents: only if empty (another run may have started there)
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
 
 
 @torch.no_grad()
@@ -74,49 +211,96 @@ def save_state(run_dir: str, step: int, modules: dict[str, torch.nn.Module],
     for name, g in generators.items():
         tensors[f"rng/{name}"] = g.get_state()
     tensors["rng/torch"] = torch.get_rng_state()
-    sdir = os.path.join(run_dir, "state")
-    sha = ck.write_tensors(os.path.join(sdir, "weights.safetensors"), tensors)
-    ck.write_json(os.path.join(sdir, "state.json"), {
-        "step": step, "sha256": sha, "optimizers": meta,
-        "config": dataclasses.asdict(config), "config_type": type(config).__name__,
-        "extra": extra or {}})
+
+    def write(d: str) -> None:
+        sha = ck.write_tensors(os.path.join(d, "weights.safetensors"), tensors)
+        ck.write_json(os.path.join(d, "state.json"), {
+            "step": step, "sha256": sha, "optimizers": meta,
+            "config": dataclasses.asdict(config), "config_type": type(config).__name__,
+            "extra": extra or {}})
+    ck.write_dir(os.path.join(run_dir, "state"), write)
+
+
+STATE_FIELDS = {"step": "int", "sha256": "str", "optimizers": "dict", "config": "dict", "config_type": "str",
+                "extra": "dict?"}
+
+
+def _state_dir(run_dir: str) -> str:
+    return ck.current_dir(os.path.join(run_dir, "state"))
 
 
 def has_state(run_dir: str) -> bool:
-    return os.path.exists(os.path.join(run_dir, "state", "state.json"))
+    return os.path.exists(os.path.join(_state_dir(run_dir), "state.json"))
+
+
+def read_state_json(run_dir: str) -> dict:
+    """The run's state.json, its fields checked."""
+    path = os.path.join(_state_dir(run_dir), "state.json")
+    st = ck.read_json(path)
+    ck.check_json(st, STATE_FIELDS, path)
+    if st["step"] < 0:
+        raise ck.CheckpointError(f"checkpoint: {path}: field 'step' must be >= 0, got {st['step']}")
+    return st
 
 
 def load_state(run_dir: str, modules: dict[str, torch.nn.Module],
                optimizers: dict[str, torch.optim.Optimizer], generators: dict[str, torch.Generator],
                config_type: str) -> dict:
-    sdir = os.path.join(run_dir, "state")
-    st = ck.read_json(os.path.join(sdir, "state.json"))
-    if st.get("config_type") != config_type:
-        raise ck.CheckpointError(f"checkpoint: {run_dir!r} holds a {st.get('config_type')} run, "
+    """Restore a ``save_state`` checkpoint into the given objects. Every tensor must be
+    there with its shape, floating point where the model is, and finite; anything else
+    is one CheckpointError naming the file and the tensor."""
+    sdir = _state_dir(run_dir)
+    st = read_state_json(run_dir)
+    if st["config_type"] != config_type:
+        raise ck.CheckpointError(f"checkpoint: {run_dir!r} holds a {st['config_type']} run, "
                                  f"not a {config_type} run")
-    tensors = ck.read_tensors(os.path.join(sdir, "weights.safetensors"), st["sha256"])
+    file = os.path.join(sdir, "weights.safetensors")
+    tensors = ck.read_tensors(file, st["sha256"])
     for name, m in modules.items():
         pre = f"{name}/"
-        try:
-            m.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
-        except RuntimeError as e:       # missing keys or size mismatches: another architecture
-            first = str(e).strip().splitlines()[-1].strip()
-            raise ck.CheckpointError(f"checkpoint: the {name!r} weights in {run_dir!r} do not fit the model "
-                                     f"built now (was the teacher replaced by another architecture?): {first}") from None
+        sd = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+        bad = ck.tensor_problem(sd, m.state_dict())
+        if bad and bad[2]:               # missing keys or size mismatches: another architecture
+            raise ck.CheckpointError(f"checkpoint: the {name!r} weights in {file} do not fit the model built now "
+                                     f"(was the teacher replaced by another architecture?): tensor "
+                                     f"{pre + bad[0]!r} {bad[1]}")
+        if bad:
+            raise ck.CheckpointError(f"checkpoint: {file}: tensor {pre + bad[0]!r} {bad[1]}")
+        m.load_state_dict(sd)
+    json_path = os.path.join(sdir, "state.json")
     for name, opt in optimizers.items():
-        ck.optimizer_from_flat(opt, tensors, st["optimizers"][name], f"opt_{name}")
-    for name, g in generators.items():
-        g.set_state(tensors[f"rng/{name}"])
-    torch.set_rng_state(tensors["rng/torch"])
+        ck.check_json(st["optimizers"], {name: "dict"}, json_path, "optimizers.")
+        ck.check_json(st["optimizers"][name], {"param_groups": "list", "state": "dict"}, json_path,
+                      f"optimizers.{name}.")
+        ck.optimizer_from_flat(opt, tensors, st["optimizers"][name], f"opt_{name}", file)
+    restore = {f"rng/{name}": g.set_state for name, g in generators.items()}
+    restore["rng/torch"] = torch.set_rng_state
+    for key, set_state in restore.items():
+        try:
+            set_state(tensors[key])
+        except (KeyError, RuntimeError, TypeError):
+            raise ck.CheckpointError(f"checkpoint: {file}: tensor {key!r} is missing or not a generator "
+                                     f"state") from None
     return st
 
 
 def saved_config(run_dir: str) -> dict:
-    return ck.read_json(os.path.join(run_dir, "state", "state.json"))["config"]
+    return read_state_json(run_dir)["config"]
+
+
+def saved_config_as(run_dir: str, cls):
+    """The run's saved config as a ``cls`` instance, each field's type checked."""
+    return ck.config_from_json(cls, saved_config(run_dir), os.path.join(_state_dir(run_dir), "state.json"),
+                               "config.")
 
 
 def saved_extra(run_dir: str) -> dict:
-    return ck.read_json(os.path.join(run_dir, "state", "state.json")).get("extra") or {}
+    return read_state_json(run_dir).get("extra") or {}
+
+
+def saved_step(run_dir: str) -> int | None:
+    """The step of the run's last checkpoint (None: no checkpoint)."""
+    return read_state_json(run_dir)["step"] if has_state(run_dir) else None
 
 
 class LossLog:
