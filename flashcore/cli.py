@@ -1,29 +1,49 @@
-"""``flashcore`` command line: train-teacher, train-classifier, generate, eval, demo.
+"""``flashcore`` command line: train-teacher, train-classifier, eval, generate, demo, distill, ablate, bench.
 
-Invalid arguments print a usage message and exit with code 2 (argparse);
-a failed run (missing or corrupt checkpoint, unknown data set, NaN loss)
-prints one line ``flashcore: error: ...`` and exits with code 1.
+Exit codes:
+
+* 2, a usage error (argparse prints the command's usage and the reason): an
+  unknown command or flag, a value outside its range (the ranges are the
+  config dataclasses', so a config file gets the same checks), an output path
+  that cannot be written, a size that cannot fit in this machine's memory,
+  more sampler steps than the model's schedule has. All of these are found
+  before any model is built.
+* 1, a failed run: exactly one line ``flashcore: error: <why>`` on stderr (a
+  missing or corrupt checkpoint, an unknown data set, an unreadable image, a
+  NaN loss, a resume that asks for other settings than the run has); anything
+  unexpected is ``flashcore: error: <type>: <message>``, MemoryError included.
+* 130: interrupted (Ctrl-C), one line.
+
+No traceback reaches the user unless the environment variable
+``FLASHCORE_DEBUG`` is set (to anything but "" or "0"): then the failure's
+traceback goes to stderr before its one line.
+
+Warnings that do not stop a run (a student sampled at another step count than
+it was distilled for) are one ``flashcore: warning: ...`` line on stderr.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+
+from .cli_checks import (HelpFormatter, UsageError, build_config, check_memory, check_resume, check_steps,
+                         config_flag, data_name, distill_memory, image_shape, model_width, one_line, out_dir,
+                         out_file, peek_meta, sample_bytes, sampling_setup, save_result, train_bytes)
+from .validation import COUNT, MAX_TIMESTEPS, SEED, Range
 
 _ROOT = os.environ.get("FLASHCORE_HOME", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_TEACHER = os.path.join(_ROOT, "checkpoints", "mnist-teacher")
 DEFAULT_CLASSIFIER = os.path.join(_ROOT, "checkpoints", "mnist-classifier")
+DEFAULT_GENERATE_TEACHER_STEPS = 50
 
-
-def _positive(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
-    return n
+_positive = COUNT.parse
+_seed = SEED.parse
+_sampler_steps = Range(int, 1, MAX_TIMESTEPS).parse     # the model's schedule bounds it further
+_guidance = Range(float, 0, 100).parse
+_clip = Range(float, 0, 100).parse
+_per_class = COUNT.parse                                # this machine's memory bounds it further
+_samples = Range(int, 2, COUNT.hi).parse                # an FD needs a covariance: two samples at least
 
 
 def _add_engine_flags(p):
@@ -36,19 +56,33 @@ def _engine_kwargs(a) -> dict:
     return {"compile": a.compile, "dtype": torch.bfloat16 if a.bf16 else torch.float32}
 
 
+def _data_shape(name: str, model) -> tuple[int, int]:
+    """(channels, size) the training will see: the built-in sets' own, else the model config's."""
+    return {"mnist": (1, 28), "digits": (1, 16)}.get(name, (model.channels, model.sample_size))
+
+
 def _add_train_teacher(sub):
-    p = sub.add_parser("train-teacher", help="train a class-conditional diffusion teacher")
-    p.add_argument("--out", required=True, help="run directory (checkpoints, samples, loss log)")
-    p.add_argument("--data", default="mnist", help="mnist | digits | folder:PATH")
-    p.add_argument("--steps", type=_positive, default=None, help="total optimiser steps")
-    p.add_argument("--batch-size", type=_positive, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--arch", choices=("unet", "dit"), default=None)
-    p.add_argument("--checkpoint-every", type=_positive, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--no-bf16", action="store_true", help="train in float32")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
-    p.add_argument("--export", default=None, help="also copy the final teacher to this directory")
+    p = _command(sub, "train-teacher", "train a class-conditional diffusion teacher")
+    p.add_argument("--out", required=True, type=out_dir, help="run directory (checkpoints, samples, loss log)")
+    p.add_argument("--data", type=data_name, default=None,
+                   help="data set: mnist, digits or folder:PATH (one sub-folder per class) (default: mnist)")
+    t = ("teacher", "TeacherConfig", "TEACHER_RANGES")
+    config_flag(p, "--steps", *t, "steps", "total optimiser steps (with --resume, default: the run's own)")
+    config_flag(p, "--batch-size", *t, "batch_size", "images per optimiser step")
+    config_flag(p, "--lr", *t, "lr", "AdamW learning rate (after a linear warm-up)")
+    p.add_argument("--arch", choices=("unet", "dit"), default=None,
+                   help="denoiser architecture (default: unet)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                   help="what the network predicts; v_prediction pairs with --zero-terminal-snr (default: epsilon)")
+    p.add_argument("--zero-terminal-snr", action="store_true",
+                   help="rescale the schedule so that x_T carries no signal (a_T = 0, Lin et al. 2023)")
+    config_flag(p, "--checkpoint-every", *t, "checkpoint_every", "save a checkpoint and a sample grid every N steps")
+    config_flag(p, "--seed", *t, "seed", "seed of the initial weights and of every random draw")
+    p.add_argument("--no-bf16", action="store_true", help="train in float32 instead of bf16 autocast")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out exactly (only --steps may differ from the run's settings)")
+    p.add_argument("--export", type=out_dir, default=None,
+                   help="also copy the final teacher to this directory (default: none)")
     return p
 
 
@@ -56,18 +90,41 @@ def cmd_train_teacher(a) -> int:
     import dataclasses
     import shutil
 
+    from flashcore.train import common
     from flashcore.train.teacher import TeacherConfig, train_teacher
-    cfg = TeacherConfig(data=a.data)
     over = {k: v for k, v in {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
                               "checkpoint_every": a.checkpoint_every, "seed": a.seed}.items() if v is not None}
-    cfg = dataclasses.replace(cfg, **over)
+    resuming = a.resume and common.has_state(a.out)
+    if resuming:
+        saved = common.saved_config(a.out)
+        given = {k: ("--" + k.replace("_", "-"), v) for k, v in over.items() if k != "steps"}
+        if a.data is not None:
+            given["data"] = ("--data", a.data)
+        if a.no_bf16:
+            given["bf16"] = ("--no-bf16", False)
+        check_resume(a.out, saved, given, "train-teacher")
+        model = {k: (f"--{k.replace('_', '-')}", v) for k, v in
+                 {"arch": a.arch, "prediction_type": a.prediction_type}.items() if v}
+        check_resume(a.out, saved.get("model") or {}, model, "train-teacher")
+        if a.zero_terminal_snr:
+            check_resume(a.out, saved.get("schedule") or {}, {"zero_terminal_snr": ("--zero-terminal-snr", True)},
+                         "train-teacher")
+    cfg = build_config(lambda: TeacherConfig(data=a.data or "mnist", **over))
     if a.no_bf16:
         cfg.bf16 = False
     if a.arch:
         cfg.model = dataclasses.replace(cfg.model, arch=a.arch)
-    if a.resume and a.steps is None:
-        from flashcore.train.common import saved_config
-        cfg.steps = saved_config(a.out)["steps"]
+    if a.prediction_type:
+        cfg.model = dataclasses.replace(cfg.model, prediction_type=a.prediction_type)
+    if a.zero_terminal_snr:
+        cfg.schedule = dataclasses.replace(cfg.schedule, zero_terminal_snr=True)
+    if resuming and a.steps is None:
+        cfg.steps = saved["steps"]
+    if not resuming:        # a resumed run keeps the batch size it already ran with
+        c, s = _data_shape(cfg.data, cfg.model)
+        check_memory("--batch-size", cfg.batch_size,
+                     train_bytes(cfg.batch_size, c, s, model_width(dataclasses.asdict(cfg.model))),
+                     f"{cfg.batch_size} training images of {c}x{s}x{s} a step")
     out = train_teacher(cfg, a.out, resume=a.resume)
     if a.export:
         shutil.copytree(out, a.export, dirs_exist_ok=True)
@@ -77,60 +134,100 @@ def cmd_train_teacher(a) -> int:
 
 
 def _add_train_classifier(sub):
-    p = sub.add_parser("train-classifier", help="train the metric classifier (FD features, accuracy)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--data", default="mnist")
-    p.add_argument("--epochs", type=_positive, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p = _command(sub, "train-classifier", "train the metric classifier (FD features, accuracy)")
+    p.add_argument("--out", required=True, type=out_dir, help="directory for the classifier (weights, config.json)")
+    p.add_argument("--data", type=data_name, default="mnist", help="data set: mnist, digits or folder:PATH")
+    t = ("classifier", "ClassifierTrainConfig", "CLASSIFIER_RANGES")
+    config_flag(p, "--epochs", *t, "epochs", "passes over the train split")
+    config_flag(p, "--seed", *t, "seed", "seed of the initial weights and the batch order")
+    p.add_argument("--arch", choices=("cnn", "bncnn", "mlp"), default=None,
+                   help="cnn: the validation classifier's; bncnn: wider CNN with batch norm; mlp: pixel-space MLP "
+                        "(default: cnn)")
+    config_flag(p, "--shift", *t, "shift", "augmentation: random shift within +-PIXELS (whole pixels, one a "
+                                            "batch; per image and sub-pixel with --rotate)")
+    config_flag(p, "--rotate", *t, "rotate", "augmentation: random rotation within +-DEGREES per image (0: off)")
+    config_flag(p, "--width", *t, "width", "first conv's channels, or the MLP's hidden units (0: the "
+                                            "architecture's default: 32 cnn/bncnn, 192 mlp)")
+    config_flag(p, "--feature-dim", *t, "features", "size of the feature layer", dest="feature_dim")
     return p
 
 
 def cmd_train_classifier(a) -> int:
-    import dataclasses
-
     from flashcore.train.classifier import ClassifierTrainConfig, train_classifier
-    over = {k: v for k, v in {"epochs": a.epochs, "seed": a.seed}.items() if v is not None}
-    meta = train_classifier(dataclasses.replace(ClassifierTrainConfig(data=a.data), **over), a.out)
-    print(f"classifier saved to {a.out}: eval accuracy {meta['eval_accuracy']:.4f}")
+    over = {k: v for k, v in {"epochs": a.epochs, "seed": a.seed, "arch": a.arch, "shift": a.shift,
+                              "rotate": a.rotate, "width": a.width, "features": a.feature_dim}.items()
+            if v is not None}
+    meta = train_classifier(build_config(lambda: ClassifierTrainConfig(data=a.data, **over)), a.out)
+    print(f"classifier saved to {a.out}: eval accuracy {meta['eval_accuracy']:.4f}, "
+          f"{meta['parameters']} parameters")
     return 0
 
 
-def _add_eval(sub):
-    p = sub.add_parser("eval", help="FD, class accuracy and blank/washed shares of a model's samples")
-    p.add_argument("--model", required=True, help="teacher or student checkpoint directory")
-    p.add_argument("--classifier", default=DEFAULT_CLASSIFIER)
-    p.add_argument("--steps", type=_positive, required=True)
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's own)")
-    p.add_argument("--samples", type=_positive, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-noise-correction", action="store_true")
-    p.add_argument("--clip", type=float, default=0.0, help="clamp x0 to [-clip, clip] (0: off)")
-    p.add_argument("--json", default=None, help="write the result as JSON here")
+def _add_sampling_flags(p):
+    p.add_argument("--cfg", type=_guidance, default=None,
+                   help="guidance scale (default: the model's saved scale; a distilled student has none: 1)")
+    p.add_argument("--noise-correction", action=argparse.BooleanOptionalAction, default=None,
+                   help="noise correction at t = T (default: as the checkpoint says: a student as it was "
+                        "distilled, a teacher on)")
     _add_engine_flags(p)
+
+
+def _add_eval(sub):
+    p = _command(sub, "eval", "score a model's samples as the 8-bit images generate writes: FD, precision/recall, "
+                              "density/coverage, diversity in independent feature spaces, class accuracy, pixel "
+                              "statistics, each next to its real-vs-real floor")
+    p.add_argument("--model", required=True, help="teacher or student checkpoint directory")
+    p.add_argument("--features", nargs="+", default=None, metavar="DIR",
+                   help="headline feature networks; never the validation classifier that picks students "
+                        "(default: checkpoints/mnist-features-bncnn checkpoints/mnist-features-mlp)")
+    p.add_argument("--k", type=_positive, default=5,
+                   help="neighbours of the k-NN manifolds (precision, recall, density, coverage)")
+    p.add_argument("--steps", type=_sampler_steps, required=True,
+                   help="sampler steps (at most the model's schedule's timesteps)")
+    p.add_argument("--samples", type=_samples, default=1000,
+                   help="images to sample and score, classes in turn (at least 2)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the sampling noise and of the FD floor's subset")
+    p.add_argument("--clip", type=_clip, default=0.0, help="clamp x0 to [-clip, clip] at every step (0: off)")
+    p.add_argument("--json", type=out_file, default=None,
+                   help="also write the result as JSON here (checked writable before the run; default: none)")
+    _add_sampling_flags(p)
     return p
 
 
 def cmd_eval(a) -> int:
-    from flashcore.checkpoint import write_json
+    import numpy as np
+    import torch
+
     from flashcore.evaluate import evaluate
-    r = evaluate(a.model, a.classifier, steps=a.steps, guidance=a.cfg, samples=a.samples, seed=a.seed,
-                 noise_correction=not a.no_noise_correction, clip=a.clip, **_engine_kwargs(a))
+    steps, nc, meta = sampling_setup(a.model, a.steps, a.noise_correction)
+    if meta is not None:
+        check_memory("--samples", a.samples, sample_bytes(a.samples, meta) + a.samples * 4096,
+                     f"{a.samples} images to sample and score")
+    try:
+        r = evaluate(a.model, a.features, steps=steps, guidance=a.cfg, samples=a.samples, seed=a.seed, k=a.k,
+                     noise_correction=nc, clip=a.clip, progress=True, refuse_validation_space=True,
+                     **_engine_kwargs(a))
+    except (torch.linalg.LinAlgError, np.linalg.LinAlgError) as e:
+        # the FD's matrix square root fails on non-finite features: the samples were NaN or inf
+        raise ValueError(f"eval: the Frechet distance cannot be computed ({' '.join(str(e).split())[:200]}): the "
+                         f"features of {a.model!r}'s samples are not finite; are its weights NaN?") from None
+    from flashcore.evaluate import summary
+    print(summary(r))
     if a.json:
-        write_json(a.json, r)
-    print(json.dumps(r, indent=2))
+        save_result(a.json, r, "eval")
     return 0
 
 
 def _add_generate(sub):
-    p = sub.add_parser("generate", help="sample a grid of images from a model")
-    p.add_argument("--model", default=DEFAULT_TEACHER)
-    p.add_argument("--steps", type=_positive, default=50)
-    p.add_argument("--cfg", type=float, default=None)
-    p.add_argument("--per-class", type=_positive, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-noise-correction", action="store_true")
-    p.add_argument("--out", default="out/samples.png")
-    _add_engine_flags(p)
+    p = _command(sub, "generate", "sample a grid of images from a model")
+    p.add_argument("--model", required=True, help="teacher or student checkpoint directory")
+    p.add_argument("--steps", type=_sampler_steps, default=None,
+                   help=f"sampler steps (default: a student's distilled step count; "
+                        f"{DEFAULT_GENERATE_TEACHER_STEPS} for a teacher)")
+    p.add_argument("--per-class", type=_per_class, default=8, help="images per class: the grid's columns")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the sampling noise")
+    p.add_argument("--out", type=out_file, default="out/samples.png", help="the PNG grid to write, a row a class")
+    _add_sampling_flags(p)
     return p
 
 
@@ -140,13 +237,17 @@ def cmd_generate(a) -> int:
     from flashcore.evaluate import generate
     from flashcore.images import grid, save_png
     from flashcore.models import load_pretrained
+    steps, nc, meta = sampling_setup(a.model, a.steps, a.noise_correction, DEFAULT_GENERATE_TEACHER_STEPS)
+    if meta is not None:
+        n = a.per_class * image_shape(meta)[0]
+        check_memory("--per-class", a.per_class, sample_bytes(n, meta), f"{n} images")
     model, meta = load_pretrained(a.model)
     guidance = a.cfg if a.cfg is not None else float(meta.get("guidance") or 1.0)
     labels = torch.arange(model.cfg.num_classes).repeat_interleave(a.per_class)
-    x, secs = generate(model, meta, labels, steps=a.steps, guidance=guidance,
-                       noise_correction=not a.no_noise_correction, seed=a.seed, **_engine_kwargs(a))
+    x, secs = generate(model, meta, labels, steps=steps, guidance=guidance, noise_correction=nc, seed=a.seed,
+                       **_engine_kwargs(a))
     save_png(grid(x, nrow=a.per_class), a.out, scale=2)
-    print(f"{len(labels)} images, {a.steps} steps, cfg {guidance}: {secs:.2f} s "
+    print(f"{len(labels)} images, {steps} steps, cfg {guidance}: {secs:.2f} s "
           f"({1000 * secs / len(labels):.1f} ms/image) -> {a.out}")
     return 0
 
@@ -156,16 +257,16 @@ DEFAULT_STUDENT_1STEP = os.path.join(_ROOT, "checkpoints", "mnist-student-1step"
 
 
 def _add_demo(sub):
-    p = sub.add_parser("demo", help="the shipped teacher at 50 CFG steps beside the distilled student at "
-                                    "1, 2 and 3 steps: one picture, the time per image of each")
-    p.add_argument("--teacher", default=DEFAULT_TEACHER)
+    p = _command(sub, "demo", "the shipped teacher at 50 CFG steps beside the distilled student at "
+                              "1, 2 and 3 steps: one picture, the time per image of each")
+    p.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher checkpoint directory")
     p.add_argument("--student", default=DEFAULT_STUDENT, help="the student for the 3- and 2-step rows")
     p.add_argument("--student-1step", default=DEFAULT_STUDENT_1STEP,
                    help="a student distilled for 1 step, for the 1-step row ('' or missing: --student at 1 step)")
-    p.add_argument("--teacher-steps", type=_positive, default=50)
-    p.add_argument("--per-class", type=_positive, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/demo.png")
+    p.add_argument("--teacher-steps", type=_sampler_steps, default=50, help="sampler steps of the teacher's row")
+    p.add_argument("--per-class", type=_per_class, default=2, help="images per class in every row")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the sampling noise (the same in every row)")
+    p.add_argument("--out", type=out_file, default="out/demo.png", help="the picture to write (PNG)")
     return p
 
 
@@ -178,6 +279,11 @@ def cmd_demo(a) -> int:
     from flashcore.evaluate import generate
     from flashcore.images import labelled_rows
     from flashcore.models import load_pretrained
+    tpeek = peek_meta(a.teacher)
+    check_steps("--teacher-steps", a.teacher_steps, tpeek)
+    if tpeek is not None:
+        n = a.per_class * image_shape(tpeek)[0]
+        check_memory("--per-class", a.per_class, 5 * sample_bytes(n, tpeek), f"5 rows of {n} images")
     teacher, tmeta = load_pretrained(a.teacher, kinds=("teacher",))
     student, smeta = load_pretrained(a.student, kinds=("student",))
     one = None
@@ -212,41 +318,64 @@ def cmd_demo(a) -> int:
 
 
 # distill flag -> DistillConfig field, for the value-taking flags (ablation switches come apart)
-_DISTILL_FLAGS = [("--iters", "iters", _positive), ("--batch-size", "batch_size", _positive), ("--lr", "lr", float),
-                  ("--gamma", "gamma_ratio", float), ("--jitter", "gamma_jitter", int), ("--k", "teacher_steps", _positive),
-                  ("--cfg", "guidance", float), ("--lambda-adv", "lambda_adv", float), ("--d-lr", "d_lr", float),
-                  ("--fwd-share", "fwd_share", float), ("--ema", "ema_decay", float),
-                  ("--checkpoint-every", "checkpoint_every", _positive), ("--val-every", "val_every", int),
-                  ("--val-samples", "val_samples", _positive), ("--classifier", "classifier", str),
-                  ("--seed", "seed", int)]
-_DISTILL_HELP = {"--gamma": "tau = round(gamma * t)", "--jitter": "tau jitter in timesteps",
-                 "--k": "teacher DDIM steps for the SRL target", "--cfg": "teacher guidance (default: the teacher's)",
-                 "--fwd-share": "DDIL: share of forward-noised batches", "--ema": "EMA decay of the exported student",
-                 "--val-every": "validation FD every N iterations; student/ is the best (0: off, student/ is the last)",
-                 "--classifier": "feature network for the validation FD"}
+_DISTILL_FLAGS = [("--iters", "iters"), ("--batch-size", "batch_size"), ("--lr", "lr"), ("--gamma", "gamma_ratio"),
+                  ("--jitter", "gamma_jitter"), ("--k", "teacher_steps"), ("--cfg", "guidance"),
+                  ("--lambda-adv", "lambda_adv"), ("--d-lr", "d_lr"), ("--fwd-share", "fwd_share"),
+                  ("--ema", "ema_decay"), ("--checkpoint-every", "checkpoint_every"), ("--val-every", "val_every"),
+                  ("--val-samples", "val_samples"), ("--classifier", "classifier"), ("--seed", "seed")]
+_DISTILL_HELP = {
+    "--iters": "distillation iterations (with --resume: the run's new end)",
+    "--batch-size": "images per iteration, split over the processes under torchrun",
+    "--lr": "AdamW learning rate of the student",
+    "--gamma": "SRL shift: tau = round(gamma * t)",
+    "--jitter": "SRL: a random integer in -j..j timesteps added to tau",
+    "--k": "teacher DDIM steps for the SRL target",
+    "--cfg": "teacher guidance scale for the targets (default: the teacher's saved scale)",
+    "--lambda-adv": "weight of the discriminator's loss in the student's",
+    "--d-lr": "AdamW learning rate of the discriminator",
+    "--fwd-share": "DDIL: probability that a batch starts from forward-noised real images",
+    "--ema": "EMA decay of the exported student",
+    "--checkpoint-every": "save a checkpoint (and a sample grid) every N iterations",
+    "--val-every": "validation FD every N iterations; student/ is the best (0: off, student/ is the last)",
+    "--val-samples": "samples per validation FD",
+    "--classifier": "feature network for the validation FD (default: the shipped MNIST classifier)",
+    "--seed": "seed of the run's random draws",
+}
 _ABLATIONS = (("backward", "backward"), ("srl", "srl"), ("noise-correction", "noise_correction"),
               ("adversarial", "adversarial"))
 
 
+def _dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
 def _distill_flags(p, ablations: bool = True):
-    p.add_argument("--teacher", default=DEFAULT_TEACHER)
-    p.add_argument("--steps", type=int, choices=(1, 2, 3, 4), required=True, help="student steps")
-    p.add_argument("--out", required=True, help="run directory")
-    for flag, _, typ in _DISTILL_FLAGS:
-        p.add_argument(flag, type=typ, default=None, help=_DISTILL_HELP.get(flag))
+    p.add_argument("--teacher", default=None,
+                   help="teacher checkpoint directory (default: the shipped MNIST teacher; with --resume: the run's)")
+    p.add_argument("--steps", type=int, choices=(1, 2, 3, 4), required=True, help="the student's sampling steps")
+    p.add_argument("--out", required=True, type=out_dir, help="run directory")
+    for flag, field in _DISTILL_FLAGS:
+        if field == "classifier":
+            p.add_argument(flag, default=None, help=_DISTILL_HELP[flag])
+        else:
+            config_flag(p, flag, "distill", "DistillConfig", "DISTILL_RANGES", field, _DISTILL_HELP[flag])
     if ablations:
         for flag, _ in _ABLATIONS:
             p.add_argument(f"--no-{flag}", action="store_true", help=f"ablation: without {flag.replace('-', ' ')}")
 
 
-def _distill_config(a):
+def _distill_config(a, saved: dict | None = None):
     import dataclasses
 
     from flashcore.train.distill import DistillConfig
-    cfg = DistillConfig(teacher=a.teacher, steps=a.steps, classifier=DEFAULT_CLASSIFIER,
-                        **{f: not getattr(a, "no_" + flag.replace("-", "_"), False) for flag, f in _ABLATIONS})
-    over = {field: getattr(a, flag[2:].replace("-", "_")) for flag, field, _ in _DISTILL_FLAGS}
-    return dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})
+    teacher = a.teacher or (saved or {}).get("teacher") or DEFAULT_TEACHER
+    over = {field: getattr(a, _dest(flag)) for flag, field in _DISTILL_FLAGS}
+
+    def build():
+        cfg = DistillConfig(teacher=teacher, steps=a.steps, classifier=DEFAULT_CLASSIFIER,
+                            **{f: not getattr(a, "no_" + flag.replace("-", "_"), False) for flag, f in _ABLATIONS})
+        return dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})
+    return build_config(build)
 
 
 def _distill_command_flags(cfg) -> list[str]:
@@ -254,7 +383,7 @@ def _distill_command_flags(cfg) -> list[str]:
     from flashcore.train.distill import DistillConfig
     default = DistillConfig(teacher=cfg.teacher, steps=cfg.steps, classifier=DEFAULT_CLASSIFIER)
     out = ["--teacher", cfg.teacher, "--steps", str(cfg.steps)]
-    for flag, field, _ in _DISTILL_FLAGS:
+    for flag, field in _DISTILL_FLAGS:
         v = getattr(cfg, field)
         if field in ("iters", "seed") or v != getattr(default, field):
             out += [flag, str(v)]
@@ -262,30 +391,44 @@ def _distill_command_flags(cfg) -> list[str]:
 
 
 def _add_distill(sub):
-    p = sub.add_parser("distill", help="Imagine Flash: distil a teacher into a 1-4 step student "
-                                       "(under torchrun: DDP over the processes)")
+    p = _command(sub, "distill", "Imagine Flash: distil a teacher into a 1-4 step student "
+                                 "(under torchrun: DDP over the processes)")
     _distill_flags(p)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out exactly (only --iters may differ from the run's settings)")
     return p
 
 
 def cmd_distill(a) -> int:
+    from flashcore.train import common
     from flashcore.train.distill import distill
-    cfg = _distill_config(a)
-    if a.resume and a.iters is None:
-        from flashcore.train.common import saved_config
-        cfg.iters = saved_config(a.out)["iters"]
+    saved = None
+    if a.resume and common.has_state(a.out):
+        saved = common.saved_config(a.out)
+        given = {field: (flag, getattr(a, _dest(flag))) for flag, field in _DISTILL_FLAGS
+                 if field != "iters" and getattr(a, _dest(flag)) is not None}
+        given["steps"] = ("--steps", a.steps)
+        if a.teacher:
+            given["teacher"] = ("--teacher", a.teacher)
+        given.update({field: (f"--no-{flag}", False) for flag, field in _ABLATIONS
+                      if getattr(a, "no_" + flag.replace("-", "_"))})
+        check_resume(a.out, saved, given, "distill")
+    cfg = _distill_config(a, saved)
+    if saved is not None and a.iters is None:
+        cfg.iters = saved["iters"]
+    if saved is None:        # a resumed run keeps the sizes it already ran with
+        distill_memory(cfg, cfg.val_samples if cfg.val_every else None)
     out = distill(cfg, a.out, resume=a.resume)
     print(f"student saved to {out}")
     return 0
 
 
 def _add_ablate(sub):
-    p = sub.add_parser("ablate", help="the full method against each ablation and forward distillation, "
-                                      "same budget and seed: a table and a picture")
+    p = _command(sub, "ablate", "the full method against each ablation and forward distillation, "
+                                "same budget and seed: a table and a picture")
     _distill_flags(p, ablations=False)
-    p.add_argument("--samples", type=_positive, default=1000, help="samples per flashcore eval")
-    p.add_argument("--variants", default=None, help="comma list (default all): full,forward,no-srl,"
+    p.add_argument("--samples", type=_samples, default=1000, help="samples per flashcore eval")
+    p.add_argument("--variants", default=None, help="comma list (default: all): full,forward,no-srl,"
                                                     "no-noise-correction,no-adversarial")
     return p
 
@@ -293,6 +436,7 @@ def _add_ablate(sub):
 def cmd_ablate(a) -> int:
     from flashcore.train.ablate import ablate
     cfg = _distill_config(a)
+    distill_memory(cfg, max(a.samples, cfg.val_samples if cfg.val_every else 0))
     command = " ".join(["flashcore ablate"] + _distill_command_flags(cfg) + ["--out", a.out, "--samples", str(a.samples)]
                        + (["--variants", a.variants] if a.variants else []))
     res = ablate(cfg, a.out, cfg.classifier, samples=a.samples,
@@ -341,23 +485,55 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every parser and sub-parser shows each flag's default in --help."""
+
+    def __init__(self, *args, **kw):
+        kw.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kw)
+
+
+def _command(sub, name: str, what: str):
+    return sub.add_parser(name, help=what, description=what)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="flashcore", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = _Parser(prog="flashcore", description=__doc__.splitlines()[0].replace("``", ""),
+                 epilog="Exit codes: 0 done, 2 usage error, 1 failed run (one 'flashcore: error:' line), "
+                        "130 interrupted. FLASHCORE_DEBUG=1 shows tracebacks. '<command> --help' for its flags.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="command")
     for add, _ in COMMANDS.values():
-        add(sub)
+        p = add(sub)
+        p.set_defaults(_parser=p)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = build_parser()
-    a = ap.parse_args(argv)
-    from flashcore.checkpoint import CheckpointError
-    from flashcore.train.common import NonFiniteLoss
+    debug = os.environ.get("FLASHCORE_DEBUG", "") not in ("", "0")
     try:
+        a = build_parser().parse_args(argv)          # exits 2 itself on a bad argument
         return COMMANDS[a.command][1](a)
-    except (CheckpointError, NonFiniteLoss, ValueError) as e:
-        print(f"flashcore: error: {e}", file=sys.stderr)
+    except UsageError as e:
+        a._parser.error(one_line(e))                 # exits 2 with the command's usage
+    except KeyboardInterrupt:
+        if debug:
+            import traceback
+            traceback.print_exc()
+        print("flashcore: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:       # noqa: BLE001  the one place a failure becomes its one line
+        if debug:
+            import traceback
+            traceback.print_exc()
+        msg = one_line(e)
+        # flashcore's own errors (CheckpointError, NonFiniteLoss, ...) and ValueErrors say what went
+        # wrong by themselves; anything else also needs its type to make sense
+        own = isinstance(e, ValueError) or type(e).__module__.startswith("flashcore")
+        if not own or not msg:
+            msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+        if isinstance(e, MemoryError) or "can't allocate memory" in msg:
+            msg += " (out of memory: try a smaller --batch-size, --per-class or --samples)"
+        print(f"flashcore: error: {msg}", file=sys.stderr)
         return 1
 
 

@@ -5,6 +5,8 @@
   denoiser has two resolutions to work on.
 - ``folder:PATH``: a folder with one sub-folder per class of images; each
   image is converted to grey or RGB (``channels``) and resized to ``size``.
+  Every class needs at least two images (one for each split); an image that
+  cannot be read is an error that names the file, never skipped.
 
 Images are float32 in [-1, 1], shape (N, C, H, W); labels int64 in 0..K-1.
 Split: stratified, per class, with a fixed permutation (seed 0): the last
@@ -19,8 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .validation import gib, memory_limit
+
 SPLIT_SEED = 0
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+MIN_PER_CLASS = 2
 
 
 @dataclass
@@ -56,24 +61,44 @@ def _digits() -> Dataset:
 
 
 def _folder(path: str, size: int, channels: int) -> Dataset:
-    from PIL import Image
+    if channels not in (1, 3) or not isinstance(size, int) or not 1 <= size <= 1024:
+        raise ValueError(f"data: folder images must be 1 or 3 channels of 1..1024 pixels, got {channels}x{size}")
     if not os.path.isdir(path):
         raise ValueError(f"data: folder {path!r} does not exist")
     classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
     if not classes:
         raise ValueError(f"data: folder {path!r} has no class sub-folders")
+    files = {c: [f for f in sorted(os.listdir(os.path.join(path, c))) if f.lower().endswith(IMAGE_EXT)]
+             for c in classes}
+    if not any(files.values()):
+        raise ValueError(f"data: folder {path!r} has no images ({', '.join(IMAGE_EXT)})")
+    for c, fs in files.items():
+        # the split keeps one image of every class for the eval split and needs one to train on
+        if len(fs) < MIN_PER_CLASS:
+            raise ValueError(f"data: class folder {os.path.join(path, c)!r} has {len(fs)} image(s); every class "
+                             f"needs at least {MIN_PER_CLASS} (one to train on, one for the eval split)")
+    n = sum(map(len, files.values()))
+    need = n * channels * size * size * 4 * 2          # the float32 images, and torch.stack's copy
+    if need > memory_limit():
+        raise ValueError(f"data: {n} images of {channels}x{size}x{size} need {gib(need)}, more than this "
+                         f"machine's {gib(memory_limit())} of memory")
     imgs, labels = [], []
     for ci, c in enumerate(classes):
-        for f in sorted(os.listdir(os.path.join(path, c))):
-            if f.lower().endswith(IMAGE_EXT):
-                im = Image.open(os.path.join(path, c, f)).convert("L" if channels == 1 else "RGB")
-                im = im.resize((size, size), Image.BILINEAR)
-                a = np.asarray(im, dtype=np.float32).reshape(size, size, channels)
-                imgs.append(torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1)
-                labels.append(ci)
-    if not imgs:
-        raise ValueError(f"data: folder {path!r} has no images ({', '.join(IMAGE_EXT)})")
+        for f in files[c]:
+            imgs.append(_read_image(os.path.join(path, c, f), size, channels))
+            labels.append(ci)
     return Dataset(f"folder:{path}", torch.stack(imgs), torch.tensor(labels), classes)
+
+
+def _read_image(path: str, size: int, channels: int) -> torch.Tensor:
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:    # truncated, not an image, too large
+        raise ValueError(f"data: cannot read image {path!r} ({type(e).__name__}: {e})") from None
+    a = np.asarray(im, dtype=np.float32).reshape(size, size, channels)
+    return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1
 
 
 def load(name: str, *, size: int = 28, channels: int = 1) -> Dataset:

@@ -9,6 +9,7 @@ import torch
 
 from flashcore import data as fdata
 from flashcore.metrics import Classifier, ClassifierConfig, save_classifier
+from flashcore.validation import COUNT, LR, SEED, Range, check_fields, check_str
 
 from . import common
 
@@ -21,6 +22,16 @@ class ClassifierTrainConfig:
     lr: float = 2e-3
     shift: int = 2
     seed: int = 0
+
+    def __post_init__(self):
+        check_fields(self, CLASSIFIER_RANGES, "train-classifier")
+        check_str("train-classifier", "data", self.data)
+
+
+# every number ClassifierTrainConfig holds and the values it may take (the CLI flags parse with these too)
+CLASSIFIER_RANGES = {
+    "epochs": Range(int, 1, 10 ** 6), "batch_size": COUNT, "lr": LR, "shift": Range(int, 0, 64), "seed": SEED,
+}
 
 
 def _shift(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:

@@ -46,6 +46,8 @@ from flashcore.models import Denoiser, load_pretrained, save_pretrained
 from flashcore.ops import srl_loss, srl_renoise
 from flashcore.sampler import denoise_step, sample
 from flashcore.schedule import NoiseSchedule, ScheduleConfig, trailing_grid
+from flashcore.validation import (COUNT, DECAY, LR, MAX_TIMESTEPS, NONNEGATIVE, PROBABILITY, SEED, Range,
+                                  check_bool, check_fields, check_str)
 
 from . import common
 from .discriminator import Discriminator, d_loss, g_loss
@@ -83,17 +85,33 @@ class DistillConfig:
     sample_every_checkpoint: bool = True
 
     def __post_init__(self):
-        if self.steps not in range(1, MAX_STUDENT_STEPS + 1):
-            raise ValueError(f"distill: --steps must be 1..{MAX_STUDENT_STEPS} (a trailing grid), got {self.steps}")
-        if self.teacher_steps < 1:
-            raise ValueError("distill: teacher_steps (k) must be >= 1")
-        if not 0.0 < self.gamma_ratio <= 1.0:
-            raise ValueError(f"distill: gamma_ratio must be in (0, 1], got {self.gamma_ratio}")
+        # the same checks for a config from code, from the command line and from a run's state.json
+        if isinstance(self.steps, bool) or self.steps not in range(1, MAX_STUDENT_STEPS + 1):
+            raise ValueError(f"distill: --steps must be 1..{MAX_STUDENT_STEPS} (a trailing grid), got {self.steps!r}")
+        check_fields(self, DISTILL_RANGES, "distill")
+        for name in ("teacher", "classifier"):
+            check_str("distill", name, getattr(self, name))
+        check_bool("distill", self, ("backward", "srl", "noise_correction", "adversarial", "bf16",
+                                     "sample_every_checkpoint"))
+        if not isinstance(self.step_weights, (list, tuple)):
+            raise ValueError(f"distill: step_weights must be a list of numbers, got {self.step_weights!r}")
         if self.step_weights and len(self.step_weights) != self.steps:
             raise ValueError(f"distill: step_weights needs {self.steps} values, got {len(self.step_weights)}")
         self.step_weights = tuple(self.step_weights)
-        if self.val_every < 0 or (self.val_every and self.val_samples < 20):
-            raise ValueError("distill: val_every must be >= 0 and val_samples >= 20")
+        for w in self.step_weights:
+            NONNEGATIVE.check("distill: step_weights", w)
+
+
+# every number DistillConfig holds and the values it may take (the CLI flags parse with these too)
+DISTILL_RANGES = {
+    "iters": COUNT, "batch_size": COUNT, "lr": LR, "ema_decay": DECAY,
+    "gamma_ratio": Range(float, 0, 1, lo_open=True), "gamma_jitter": Range(int, 0, MAX_TIMESTEPS),
+    "teacher_steps": Range(int, 1, 1000), "guidance": Range(float, 0, 100, optional=True),
+    "lambda_adv": Range(float, 0, 100), "d_lr": LR, "fwd_share": PROBABILITY, "clip": Range(float, 0, 100),
+    "checkpoint_every": COUNT, "val_every": Range(int, 0, 10 ** 9),
+    "val_samples": Range(int, 20, 10 ** 9),       # an FD of fewer samples says nothing
+    "seed": SEED,
+}
 
 
 def teacher_grid(tau: int, k: int) -> list[int]:

@@ -18,6 +18,7 @@ from flashcore.images import grid, save_png
 from flashcore.models import Denoiser, ModelConfig, save_pretrained
 from flashcore.sampler import sample
 from flashcore.schedule import NoiseSchedule, ScheduleConfig
+from flashcore.validation import COUNT, DECAY, GUIDANCE, LR, SEED, Range, check_bool, check_fields, check_str
 
 from . import common
 
@@ -41,12 +42,31 @@ class TeacherConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
 
+    def __post_init__(self):
+        # the same checks for a config from code, from the command line and from a run's state.json
+        check_fields(self, TEACHER_RANGES, "train-teacher")
+        check_str("train-teacher", "data", self.data)
+        check_bool("train-teacher", self, ("bf16",))
+        if not isinstance(self.schedule, ScheduleConfig) or not isinstance(self.model, ModelConfig):
+            raise ValueError("train-teacher: schedule and model must be a ScheduleConfig and a ModelConfig "
+                             "(TeacherConfig.from_dict builds them from dicts)")
+
     @staticmethod
     def from_dict(d: dict) -> "TeacherConfig":
         d = dict(d)
         d["schedule"] = ScheduleConfig(**d.get("schedule", {}))
         d["model"] = ModelConfig(**d.get("model", {}))
         return TeacherConfig(**d)
+
+
+# every number TeacherConfig holds and the values it may take (the CLI flags parse with these too)
+TEACHER_RANGES = {
+    "steps": COUNT, "batch_size": COUNT, "lr": LR, "warmup": Range(int, 0, 10 ** 9),
+    "weight_decay": Range(float, 0, 10), "ema_decay": DECAY,
+    "p_uncond": Range(float, 0, 1, hi_open=True),     # 1: the conditional model would never be trained
+    "guidance": GUIDANCE, "sample_steps": Range(int, 1, 1000), "checkpoint_every": COUNT, "seed": SEED,
+    "threads": Range(int, 0, 4096),
+}
 
 
 def export(run_dir: str, ema: Denoiser, cfg: TeacherConfig, step: int, name: str = "teacher") -> str:
