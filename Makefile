@@ -1,16 +1,46 @@
-# The README's commands. PY is the Python of the active virtual environment.
-PY ?= python
+# The README's commands. Each one creates or refreshes the virtual environment
+# it needs, and runs .venv/bin/python directly, so nothing has to be activated.
+#
+#   make demo        the main job
+#   make test        the quick tests (what CI runs first)
+#   make test-slow   the tests marked slow (CI runs them after)
+#   make install     only the environment
+#
+# Two stamps: the packages are reinstalled when requirements.txt or
+# pyproject.toml change; flashcore itself (and its C++ extension) is rebuilt
+# when setup.py or anything under csrc/ changes as well.
 
-.PHONY: install demo test
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.deps.stamp
+STAMP := $(VENV)/.stamp
+CSRC := $(shell find csrc -type f 2>/dev/null)
 
-install:
+.PHONY: install demo test test-slow
+
+# torch first, from its CPU wheel: with torch already there, the requirements
+# (diffusers...) do not pull a CUDA build of it.
+$(DEPS_STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
 
-demo:
+# --no-build-isolation: build against the torch installed above (isolation
+# would fetch a CUDA torch into the build environment).
+$(STAMP): $(DEPS_STAMP) setup.py $(CSRC)
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
 	$(PY) -m flashcore demo
 
-test:
-	$(PY) -m pytest -q
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
