@@ -91,6 +91,7 @@ def test_cli_run_errors_exit_1(tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
     assert cli.main(["train-teacher", "--out", str(tmp_path / "r"), "--data", "imagenet"]) == 1
     assert "unknown data set" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()             # the failed run removed the folder it created
 
 
 @pytest.mark.parametrize("flags", [[], ["--bf16"]])

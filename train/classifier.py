@@ -43,6 +43,12 @@ def _shift(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
 
 
 def train_classifier(cfg: ClassifierTrainConfig, out: str, progress: bool = True) -> dict:
+    """Train the classifier and save it to ``out`` (held by this run until it is written)."""
+    with common.run_folder(out, resume=None, what="train-classifier"):
+        return _train_classifier(cfg, out, progress)
+
+
+def _train_classifier(cfg: ClassifierTrainConfig, out: str, progress: bool) -> dict:
     ds = fdata.load(cfg.data)
     xtr, ytr = fdata.split(ds, "train")
     xev, yev = fdata.split(ds, "eval")

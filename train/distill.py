@@ -373,23 +373,24 @@ def _gather_generators(dist: Distiller) -> dict:
 def distill(cfg: DistillConfig, run_dir: str, resume: bool = False, progress: bool = True,
             max_iters_this_call: int | None = None) -> str:
     """Distil (or resume) a student in ``run_dir``; returns the exported student directory.
-    Under torchrun every rank calls this; rank 0 writes."""
+    Under torchrun every rank calls this; rank 0 holds the folder and writes. Raises
+    ``common.Interrupted`` (rank 0) after checkpointing when stopped by Ctrl-C or SIGTERM."""
     rank, world = init_distributed()
+    with common.run_folder(run_dir, resume=resume, what="distill", lead=rank == 0):
+        return _distill(cfg, run_dir, rank, world, resume, progress, max_iters_this_call)
+
+
+def _distill(cfg: DistillConfig, run_dir: str, rank: int, world: int, resume: bool, progress: bool,
+             max_iters_this_call: int | None) -> str:
     lead = rank == 0
-    if not resume and common.has_state(run_dir):
-        raise ValueError(f"distill: {run_dir!r} already holds a run; pass --resume or use a new --out")
     if resume:
-        if not common.has_state(run_dir):
-            raise ValueError(f"distill: nothing to resume in {run_dir!r}")
         saved_world = common.saved_extra(run_dir).get("world_size", 1)
         if saved_world != world:
             raise ValueError(f"distill: {run_dir!r} was trained on {saved_world} process(es); resume it on "
                              f"the same number (got {world}) to keep the run exact")
-        cfg = DistillConfig(**{**common.saved_config(run_dir), "iters": cfg.iters})
+        cfg = dataclasses.replace(common.saved_config_as(run_dir, DistillConfig), iters=cfg.iters)
     if world > 1:
         tdist.barrier()          # every rank has checked run_dir before rank 0 writes to it
-    if lead:
-        os.makedirs(run_dir, exist_ok=True)
     dist = Distiller(cfg, rank, world)
     it = 0
     if resume:
@@ -456,4 +457,6 @@ def distill(cfg: DistillConfig, run_dir: str, resume: bool = False, progress: bo
     checkpoint(it)
     if world > 1:
         tdist.barrier()          # the files exist for every rank when it returns
+    if lead:
+        stop.raise_if_stopped("distill", "iteration", it, cfg.iters, run_dir)
     return os.path.join(run_dir, "student")

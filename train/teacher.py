@@ -87,16 +87,18 @@ def sample_grid(ema: Denoiser, sched: NoiseSchedule, cfg: TeacherConfig, shape, 
 
 def train_teacher(cfg: TeacherConfig, run_dir: str, resume: bool = False, progress: bool = True,
                   max_steps_this_call: int | None = None) -> str:
-    """Train (or resume) a teacher in ``run_dir``; returns the exported model directory."""
+    """Train (or resume) a teacher in ``run_dir``; returns the exported model directory.
+    Raises ``common.Interrupted`` after checkpointing when stopped by Ctrl-C or SIGTERM."""
+    with common.run_folder(run_dir, resume=resume, what="train-teacher"):
+        return _train_teacher(cfg, run_dir, resume, progress, max_steps_this_call)
+
+
+def _train_teacher(cfg: TeacherConfig, run_dir: str, resume: bool, progress: bool,
+                   max_steps_this_call: int | None) -> str:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    os.makedirs(run_dir, exist_ok=True)
-    if not resume and common.has_state(run_dir):
-        raise ValueError(f"train-teacher: {run_dir!r} already holds a run; pass --resume or use a new --out")
     if resume:
-        if not common.has_state(run_dir):
-            raise ValueError(f"train-teacher: nothing to resume in {run_dir!r}")
-        cfg = TeacherConfig.from_dict({**common.saved_config(run_dir), "steps": cfg.steps})
+        cfg = dataclasses.replace(common.saved_config_as(run_dir, TeacherConfig), steps=cfg.steps)
     ds = fdata.load(cfg.data, size=cfg.model.sample_size, channels=cfg.model.channels)
     if ds.shape != (cfg.model.channels, cfg.model.sample_size, cfg.model.sample_size):
         cfg.model = dataclasses.replace(cfg.model, channels=ds.shape[0], sample_size=ds.shape[1])
@@ -154,4 +156,5 @@ def train_teacher(cfg: TeacherConfig, run_dir: str, resume: bool = False, progre
         bar.close()
         stop.restore()
     checkpoint(step)
+    stop.raise_if_stopped("train-teacher", "step", step, cfg.steps, run_dir)
     return os.path.join(run_dir, "teacher")

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, read_json, write_json
+from ..checkpoint import (CheckpointError, check_json, config_from_json, current_dir, read_json, read_tensors,
+                          tensor_problem, write_dir, write_json)
 from .attention_processor import FlashcoreAttnProcessor
 
 ARCHS = ("unet", "dit")
@@ -104,32 +105,71 @@ class Denoiser(nn.Module):
 
 
 def save_pretrained(model: Denoiser, path: str, meta: dict, dtype: torch.dtype = torch.float32) -> None:
-    """``path/model`` (diffusers, safetensors) plus ``path/config.json`` (flashcore)."""
-    os.makedirs(path, exist_ok=True)
+    """``path/model`` (diffusers, safetensors) plus ``path/config.json`` (flashcore),
+    written as one unit: ``path`` is replaced whole, never left half-written."""
     net = model.net
     if dtype != torch.float32:
         import copy
         net = copy.deepcopy(net).to(dtype)
-    net.save_pretrained(os.path.join(path, "model"), safe_serialization=True)
-    write_json(os.path.join(path, "config.json"), {**meta, "model": asdict(model.cfg)})
+
+    def write(d: str) -> None:
+        net.save_pretrained(os.path.join(d, "model"), safe_serialization=True)
+        write_json(os.path.join(d, "config.json"), {**meta, "model": asdict(model.cfg)})
+    write_dir(path, write)
+
+
+WEIGHTS = os.path.join("model", "diffusion_pytorch_model.safetensors")
+# what else in config.json a loader may use; checked when present
+META_FIELDS = {"kind": "str", "guidance": "number|null?", "data": "str?", "schedule": "dict?", "steps": "int?",
+               "grid": "numbers?", "noise_correction": "bool?", "model": "dict"}
+
+
+def read_config(path: str, kinds: tuple[str, ...]) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, the whole config.json) of a saved denoiser, checked field by field."""
+    file = os.path.join(path, "config.json")
+    meta = read_json(file)
+    check_json(meta, {"kind": "str"}, file)
+    if meta["kind"] not in kinds:
+        raise CheckpointError(f"checkpoint: {path!r} is a {meta['kind']!r} checkpoint; expected one of {kinds}")
+    check_json(meta, META_FIELDS, file)
+    cfg = config_from_json(ModelConfig, meta["model"], file, "model.",
+                           required=("arch", "sample_size", "channels", "num_classes"))
+    for f, v in asdict(cfg).items():            # sizes: every field that is not a name
+        if isinstance(v, str):
+            continue
+        vals = list(v) if isinstance(v, tuple) else [v]
+        if not vals or any(type(x) is not int or x < 1 for x in vals):
+            want = "a list of positive integers" if isinstance(v, tuple) else "a positive integer"
+            raise CheckpointError(f"checkpoint: {file}: field 'model.{f}' must be {want}, got {v!r}")
+    if "schedule" in meta:                      # the samplers and the distiller build it from here
+        from ..schedule import NoiseSchedule, ScheduleConfig
+        sc = config_from_json(ScheduleConfig, meta["schedule"], file, "schedule.")
+        try:
+            NoiseSchedule(sc)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint: {file}: field 'schedule': {e}") from None
+    return cfg, meta
 
 
 def load_pretrained(path: str, *, kinds: tuple[str, ...] = ("teacher", "student")) -> tuple[Denoiser, dict]:
-    """Load a denoiser saved by ``save_pretrained``; float32 weights, eval mode."""
+    """Load a denoiser saved by ``save_pretrained``; float32 weights, eval mode.
+
+    The network is built from config.json and must take every weight as it is:
+    each tensor present, of the config's shape, floating point and finite
+    (diffusers' own loader would initialise a missing tensor at random)."""
+    path = current_dir(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint: {path!r} is not a directory")
-    meta = read_json(os.path.join(path, "config.json"))
-    if meta.get("kind") not in kinds:
-        raise CheckpointError(f"checkpoint: {path!r} is a {meta.get('kind')!r} checkpoint; "
-                              f"expected one of {kinds}")
-    cfg = ModelConfig(**meta["model"])
-    from diffusers import DiTTransformer2DModel, UNet2DModel
-    cls = UNet2DModel if cfg.arch == "unet" else DiTTransformer2DModel
-    try:
-        net = cls.from_pretrained(os.path.join(path, "model"), use_safetensors=True, low_cpu_mem_usage=False)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint: cannot load weights from {path!r} ({e})") from None
-    model = Denoiser(cfg, net.float()).eval()
+    cfg, meta = read_config(path, kinds)
+    file = os.path.join(path, WEIGHTS)
+    tensors = read_tensors(file)
+    net = build_net(cfg)
+    bad = tensor_problem(tensors, net.state_dict())
+    if bad:
+        raise CheckpointError(f"checkpoint: {file}: tensor {bad[0]!r} {bad[1]}"
+                              + (" (the weights do not fit config.json)" if bad[2] else ""))
+    net.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+    model = Denoiser(cfg, net).eval()
     if cfg.arch == "dit":
         for m in model.modules():
             if hasattr(m, "dropout_prob"):
