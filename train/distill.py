@@ -300,7 +300,11 @@ class Validator:
     not track quality (a collapsed student has a low loss), this does."""
 
     def __init__(self, cfg: DistillConfig, meta: dict):
+        from flashcore.evaluate import is_headline_space
         from flashcore.metrics import features_and_logits, load_classifier
+        if is_headline_space(cfg.classifier):      # selecting on a reported figure would flatter it
+            raise ValueError(f"distill: {cfg.classifier!r} is one of flashcore eval's headline feature networks; "
+                             "validation must use another (the default checkpoints/mnist-classifier)")
         self.clf, cmeta = load_classifier(cfg.classifier)
         if cmeta["data"] != meta["data"]:
             raise ValueError(f"distill: the validation classifier {cfg.classifier!r} was trained on "
