@@ -36,7 +36,8 @@ from flashcore import benchmarking as B
 from flashcore.engine import Engine, coefficient_table
 from flashcore.models import Denoiser, ModelConfig
 from flashcore.ops import sampler_step_ref
-from flashcore.schedule import NoiseSchedule, trailing_grid
+from flashcore.plan import StepPlan
+from flashcore.schedule import NoiseSchedule
 
 NAME = "step"
 TITLE = "One sampler step, DiT-S/2 on a 32x32x4 latent (CPU)"
@@ -131,7 +132,7 @@ def case_inputs(cfg: ModelConfig, role: str, b: int):
     x_T = torch.randn(b, cfg.channels, cfg.sample_size, cfg.sample_size, generator=g)
     labels = torch.randint(0, cfg.num_classes, (b,), generator=g)
     t = torch.full((b,), sched.T, dtype=torch.long)
-    coef = coefficient_table(sched, trailing_grid(steps), noise_correction=True)[0].tolist()
+    coef = coefficient_table(StepPlan.build(sched, steps, noise_correction=True))[0].tolist()
     return (x_T.clone(), x_T, t, labels), coef
 
 

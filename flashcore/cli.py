@@ -24,12 +24,14 @@ it was distilled for) are one ``flashcore: warning: ...`` line on stderr.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 from .cli_checks import (HelpFormatter, UsageError, build_config, check_memory, check_resume, check_steps,
-                         config_flag, data_name, distill_memory, image_shape, model_width, one_line, out_dir,
-                         out_file, peek_meta, sample_bytes, sampling_setup, save_result, train_bytes)
+                         command_flags, config_flag, config_flags, data_name, distill_memory, given_config,
+                         image_shape, model_width, one_line, out_dir, out_file, peek_meta, read_config_file,
+                         sample_bytes, sampling_setup, save_result, train_bytes)
 from .validation import COUNT, MAX_TIMESTEPS, SEED, Range
 
 _ROOT = os.environ.get("FLASHCORE_HOME", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -317,77 +319,36 @@ def cmd_demo(a) -> int:
     return 0
 
 
-# distill flag -> DistillConfig field, for the value-taking flags (ablation switches come apart)
-_DISTILL_FLAGS = [("--iters", "iters"), ("--batch-size", "batch_size"), ("--lr", "lr"), ("--gamma", "gamma_ratio"),
-                  ("--jitter", "gamma_jitter"), ("--k", "teacher_steps"), ("--cfg", "guidance"),
-                  ("--lambda-adv", "lambda_adv"), ("--d-lr", "d_lr"), ("--fwd-share", "fwd_share"),
-                  ("--ema", "ema_decay"), ("--checkpoint-every", "checkpoint_every"), ("--val-every", "val_every"),
-                  ("--val-samples", "val_samples"), ("--classifier", "classifier"), ("--seed", "seed")]
-_DISTILL_HELP = {
-    "--iters": "distillation iterations (with --resume: the run's new end)",
-    "--batch-size": "images per iteration, split over the processes under torchrun",
-    "--lr": "AdamW learning rate of the student",
-    "--gamma": "SRL shift: tau = round(gamma * t)",
-    "--jitter": "SRL: a random integer in -j..j timesteps added to tau",
-    "--k": "teacher DDIM steps for the SRL target",
-    "--cfg": "teacher guidance scale for the targets (default: the teacher's saved scale)",
-    "--lambda-adv": "weight of the discriminator's loss in the student's",
-    "--d-lr": "AdamW learning rate of the discriminator",
-    "--fwd-share": "DDIL: probability that a batch starts from forward-noised real images",
-    "--ema": "EMA decay of the exported student",
-    "--checkpoint-every": "save a checkpoint (and a sample grid) every N iterations",
-    "--val-every": "validation FD every N iterations; student/ is the best (0: off, student/ is the last)",
-    "--val-samples": "samples per validation FD",
-    "--classifier": "feature network for the validation FD (default: the shipped MNIST classifier)",
-    "--seed": "seed of the run's random draws",
-}
-_ABLATIONS = (("backward", "backward"), ("srl", "srl"), ("noise-correction", "noise_correction"),
-              ("adversarial", "adversarial"))
-
-
-def _dest(flag: str) -> str:
-    return flag[2:].replace("-", "_")
-
-
 def _distill_flags(p, ablations: bool = True):
-    p.add_argument("--teacher", default=None,
-                   help="teacher checkpoint directory (default: the shipped MNIST teacher; with --resume: the run's)")
-    p.add_argument("--steps", type=int, choices=(1, 2, 3, 4), required=True, help="the student's sampling steps")
+    """distill's flags, derived from DistillConfig's ``option`` fields (flag, help, default, range)."""
+    from flashcore.train.distill import DistillConfig
+    p.add_argument("--config", default=None,
+                   help="a JSON or YAML file of DistillConfig fields; flags given as well override it")
     p.add_argument("--out", required=True, type=out_dir, help="run directory")
-    for flag, field in _DISTILL_FLAGS:
-        if field == "classifier":
-            p.add_argument(flag, default=None, help=_DISTILL_HELP[flag])
-        else:
-            config_flag(p, flag, "distill", "DistillConfig", "DISTILL_RANGES", field, _DISTILL_HELP[flag])
-    if ablations:
-        for flag, _ in _ABLATIONS:
-            p.add_argument(f"--no-{flag}", action="store_true", help=f"ablation: without {flag.replace('-', ' ')}")
+    config_flags(p, DistillConfig, "distill", "DISTILL_RANGES",
+                 skip=() if ablations else ("backward", "srl", "noise_correction", "adversarial"))
 
 
 def _distill_config(a, saved: dict | None = None):
-    import dataclasses
-
+    """defaults < the run's saved config (--resume) < --config FILE < flags."""
     from flashcore.train.distill import DistillConfig
-    teacher = a.teacher or (saved or {}).get("teacher") or DEFAULT_TEACHER
-    over = {field: getattr(a, _dest(flag)) for flag, field in _DISTILL_FLAGS}
-
-    def build():
-        cfg = DistillConfig(teacher=teacher, steps=a.steps, classifier=DEFAULT_CLASSIFIER,
-                            **{f: not getattr(a, "no_" + flag.replace("-", "_"), False) for flag, f in _ABLATIONS})
-        return dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})
-    return build_config(build)
+    base = {"teacher": DEFAULT_TEACHER, "classifier": DEFAULT_CLASSIFIER}
+    if saved:
+        base.update(teacher=saved.get("teacher", DEFAULT_TEACHER))
+    if a.config:
+        base.update(read_config_file(a.config, DistillConfig))
+    base.update({k: v for k, (_, v) in given_config(a, DistillConfig).items()})
+    return build_config(lambda: DistillConfig(**base))
 
 
 def _distill_command_flags(cfg) -> list[str]:
     """The distill flags that give ``cfg`` (teacher, steps, iters, seed always; the rest if not default)."""
-    from flashcore.train.distill import DistillConfig
-    default = DistillConfig(teacher=cfg.teacher, steps=cfg.steps, classifier=DEFAULT_CLASSIFIER)
-    out = ["--teacher", cfg.teacher, "--steps", str(cfg.steps)]
-    for flag, field in _DISTILL_FLAGS:
-        v = getattr(cfg, field)
-        if field in ("iters", "seed") or v != getattr(default, field):
-            out += [flag, str(v)]
-    return out
+    return command_flags(cfg, always=("teacher", "steps", "iters", "seed"))
+
+
+def _print_config(cfg) -> None:
+    import dataclasses
+    print("config: " + json.dumps(dataclasses.asdict(cfg), sort_keys=True), flush=True)
 
 
 def _add_distill(sub):
@@ -402,22 +363,20 @@ def _add_distill(sub):
 def cmd_distill(a) -> int:
     from flashcore.train import common
     from flashcore.train.distill import distill
+    from flashcore.train.distill import DistillConfig
     saved = None
     if a.resume and common.has_state(a.out):
         saved = common.saved_config(a.out)
-        given = {field: (flag, getattr(a, _dest(flag))) for flag, field in _DISTILL_FLAGS
-                 if field != "iters" and getattr(a, _dest(flag)) is not None}
-        given["steps"] = ("--steps", a.steps)
-        if a.teacher:
-            given["teacher"] = ("--teacher", a.teacher)
-        given.update({field: (f"--no-{flag}", False) for flag, field in _ABLATIONS
-                      if getattr(a, "no_" + flag.replace("-", "_"))})
+        given = {k: v for k, v in given_config(a, DistillConfig).items() if k != "iters"}
+        if a.config:
+            given.update({k: ("--config " + a.config, v)
+                          for k, v in read_config_file(a.config, DistillConfig).items() if k != "iters"})
         check_resume(a.out, saved, given, "distill")
-    cfg = _distill_config(a, saved)
-    if saved is not None and a.iters is None:
-        cfg.iters = saved["iters"]
-    if saved is None:        # a resumed run keeps the sizes it already ran with
+        cfg = build_config(lambda: DistillConfig(**{**saved, **({"iters": a.iters} if a.iters else {})}))
+    else:
+        cfg = _distill_config(a)
         distill_memory(cfg, cfg.val_samples if cfg.val_every else None)
+    _print_config(cfg)
     out = distill(cfg, a.out, resume=a.resume)
     print(f"student saved to {out}")
     return 0
@@ -437,6 +396,7 @@ def cmd_ablate(a) -> int:
     from flashcore.train.ablate import ablate
     cfg = _distill_config(a)
     distill_memory(cfg, max(a.samples, cfg.val_samples if cfg.val_every else 0))
+    _print_config(cfg)
     command = " ".join(["flashcore ablate"] + _distill_command_flags(cfg) + ["--out", a.out, "--samples", str(a.samples)]
                        + (["--variants", a.variants] if a.variants else []))
     res = ablate(cfg, a.out, cfg.classifier, samples=a.samples,

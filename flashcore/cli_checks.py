@@ -280,3 +280,83 @@ def one_line(e: BaseException) -> str:
     """An exception's message on one line (torch's span several), at most 2000 characters."""
     msg = " ".join(str(e).split())
     return msg if len(msg) <= 2000 else msg[:2000] + " ..."
+
+
+# ---- flags derived from a config dataclass (validation.option metadata) ------------------------
+
+def config_flags(p, cls, module: str, table: str, skip: tuple[str, ...] = ()) -> None:
+    """One flag per ``option`` field of ``cls`` (value flags typed by the field's range in
+    ``flashcore.train.<module>.<table>`` where it has one; switches as store-true), each
+    with ``dest`` = the field's name and default None (= not given)."""
+    import dataclasses
+    import importlib
+    ranges = getattr(importlib.import_module(f"flashcore.train.{module}"), table)
+    for f in dataclasses.fields(cls):
+        md = f.metadata
+        if f.name in skip or not (md.get("flag") or md.get("switch")):
+            continue
+        if md.get("switch"):
+            p.add_argument(md["switch"], dest=f.name, action="store_const", const=False, default=None,
+                           help=md["help"])
+        elif f.name in ranges:
+            config_flag(p, md["flag"], module, cls.__name__, table, f.name, md["help"], dest=f.name)
+        else:
+            p.add_argument(md["flag"], dest=f.name, default=None,
+                           type=int if f.type in (int, "int") else None,
+                           help=f"{md['help']} (default: {f.default})")
+
+
+def given_config(a, cls) -> dict[str, tuple[str, object]]:
+    """field -> (flag, value) for every ``option`` flag of ``cls`` given on the command line."""
+    import dataclasses
+    out = {}
+    for f in dataclasses.fields(cls):
+        flag = f.metadata.get("switch") or f.metadata.get("flag")
+        if flag and getattr(a, f.name, None) is not None:
+            out[f.name] = (flag, getattr(a, f.name))
+    return out
+
+
+def command_flags(cfg, always: tuple[str, ...] = ()) -> list[str]:
+    """The flags that rebuild ``cfg``: the fields in ``always``, and every other one off its default."""
+    import dataclasses
+    default = type(cfg)(**{n: getattr(cfg, n) for n in always})
+    out = []
+    for f in dataclasses.fields(cfg):
+        v, md = getattr(cfg, f.name), f.metadata
+        if md.get("flag") and (f.name in always or v != getattr(default, f.name)):
+            out += [md["flag"], str(v)]
+        elif md.get("switch") and v is False:
+            out.append(md["switch"])
+    return out
+
+
+def read_config_file(path: str, cls) -> dict:
+    """The fields of ``cls`` that a JSON or YAML file sets (``--config``); a usage error names
+    the file and anything that is not a field."""
+    import dataclasses
+    import json
+    try:
+        with open(path) as fh:
+            text = fh.read()
+    except OSError as e:
+        raise UsageError(f"--config {path}: {e.strerror or e}") from None
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+            obj = yaml.safe_load(text)
+        else:
+            obj = json.loads(text)
+    except Exception as e:       # yaml.YAMLError, json.JSONDecodeError
+        raise UsageError(f"--config {path}: not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}: "
+                         f"{str(e).splitlines()[0]}") from None
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict):
+        raise UsageError(f"--config {path}: expected a mapping of {cls.__name__} fields, got {type(obj).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(obj) - names)
+    if unknown:
+        raise UsageError(f"--config {path}: {unknown[0]!r} is not a {cls.__name__} field "
+                         f"(fields: {', '.join(sorted(names))})")
+    return obj

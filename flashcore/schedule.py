@@ -77,7 +77,9 @@ class NoiseSchedule:
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1 - betas, 0)
         self.a = self.alphas_cumprod.sqrt().clamp_min(A_FLOOR)
-        self.s = (1 - self.alphas_cumprod).clamp_min(0).sqrt()
+        # from the floored a, so that a_t^2 + s_t^2 = 1 holds at the floor too (a v-prediction
+        # model's eps = s x_t + a v then gives back x0 = a x_t - s v exactly, see models/denoiser.py)
+        self.s = (1 - self.a ** 2).clamp_min(0).sqrt()
         self.T = cfg.num_train_timesteps - 1
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 

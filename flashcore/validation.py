@@ -138,3 +138,13 @@ def gib(n: float) -> str:
         if n >= scale:
             return f"{n / scale:,.1f} {unit}"
     return f"{int(n)} bytes"
+
+
+def option(default, flag: str | None = None, help: str = "", switch: str | None = None):
+    """A config dataclass field that carries its command-line flag and one
+    sentence of help, so the CLI derives its flags from the config (one source):
+    ``flag`` takes a value; ``switch`` is a store-true flag that turns a True
+    default off (``--no-srl``)."""
+    import dataclasses
+    kw = {"default_factory": default} if callable(default) else {"default": default}
+    return dataclasses.field(metadata={"flag": flag, "help": help, "switch": switch}, **kw)

@@ -11,6 +11,7 @@ from flashcore import cli
 from flashcore.checkpoint import CheckpointError
 from flashcore.models import Denoiser, save_pretrained
 from flashcore.sampler import denoise_step
+from flashcore.plan import StepPlan
 from flashcore.train.distill import DistillConfig, Distiller, distill, rollout, teacher_grid
 
 from _fixtures import TINY_UNET
@@ -62,9 +63,10 @@ def test_forward_mode_uses_real_images(tiny_teacher):
 def test_rollout_is_noise_corrected(tiny_teacher, nc):
     d = Distiller(cfg_for(tiny_teacher, noise_correction=nc))
     x_T, lab = torch.randn(2, 1, 16, 16), torch.tensor([1, 2])
-    x1 = rollout(d.student, d.sched, d.grid, 1, x_T, lab, nc)
+    x1 = rollout(d.student, d.plan, 1, x_T, lab)
+    plain = StepPlan.build(d.sched, grid=d.grid, noise_correction=False)
     with torch.no_grad():
-        _, x0 = denoise_step(d.student, d.sched, d.grid, 0, x_T, lab, x_T, noise_correction=False)
+        _, x0 = denoise_step(d.student, plain[0], x_T, lab, x_T)
         eps = d.student(x_T, torch.full((2,), 999), lab)
     a_s, s_s = d.sched.alpha_sigma(d.grid[1])
     expect = a_s * x0 + s_s * (x_T if nc else eps)

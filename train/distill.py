@@ -39,15 +39,17 @@ import torch
 import torch.distributed as tdist
 
 from flashcore import data as fdata
-from flashcore.checkpoint import portable_path
+from flashcore.checkpoint import portable_path, write_json
 from flashcore.images import grid as image_grid
 from flashcore.images import save_png
 from flashcore.models import Denoiser, load_pretrained, save_pretrained
 from flashcore.ops import srl_loss, srl_renoise
-from flashcore.sampler import denoise_step, sample
-from flashcore.schedule import NoiseSchedule, ScheduleConfig, trailing_grid
+from flashcore.devices import autocast, dist_backend, resolve_device
+from flashcore.plan import StepPlan
+from flashcore.sampler import run_plan, sample
+from flashcore.schedule import NoiseSchedule, ScheduleConfig
 from flashcore.validation import (COUNT, DECAY, LR, MAX_TIMESTEPS, NONNEGATIVE, PROBABILITY, SEED, Range,
-                                  check_bool, check_fields, check_str)
+                                  check_bool, check_fields, check_str, option)
 
 from . import common
 from .discriminator import Discriminator, d_loss, g_loss
@@ -57,30 +59,40 @@ MAX_STUDENT_STEPS = 4
 
 @dataclass
 class DistillConfig:
-    teacher: str = "checkpoints/mnist-teacher"
-    steps: int = 3                    # the student's sampling steps
-    iters: int = 2000
-    batch_size: int = 64
-    lr: float = 2e-5
-    ema_decay: float = 0.99
-    gamma_ratio: float = 0.75         # tau = round(gamma_ratio * t)
-    gamma_jitter: int = 0             # + U{-j..j} timesteps
-    teacher_steps: int = 1            # k
-    guidance: float | None = None     # teacher CFG; None: the teacher's saved scale
-    backward: bool = True
-    srl: bool = True
-    noise_correction: bool = True
-    adversarial: bool = True
-    lambda_adv: float = 1e-2
-    d_lr: float = 1e-4
-    fwd_share: float = 0.0            # DDIL: share of batches from forward-noised real data
+    """Every knob of a distillation run; the ``flashcore distill`` flags are derived
+    from the ``option`` metadata here (flag and help), defaults and ranges included."""
+    teacher: str = option("checkpoints/mnist-teacher", "--teacher",
+                          "teacher checkpoint directory (with --resume: the run's)")
+    steps: int = option(3, "--steps", "the student's sampling steps (a trailing grid of 1-4)")
+    iters: int = option(2000, "--iters", "distillation iterations (with --resume: the run's new end)")
+    batch_size: int = option(64, "--batch-size", "images per iteration, split over the processes under torchrun")
+    lr: float = option(2e-5, "--lr", "AdamW learning rate of the student")
+    ema_decay: float = option(0.99, "--ema", "EMA decay of the exported student")
+    gamma_ratio: float = option(0.75, "--gamma", "SRL shift: tau = round(gamma * t)")
+    gamma_jitter: int = option(0, "--jitter", "SRL: a random integer in -j..j timesteps added to tau")
+    teacher_steps: int = option(1, "--k", "teacher DDIM steps for the SRL target")
+    guidance: float | None = option(None, "--cfg", "teacher guidance scale for the targets "
+                                                   "(default: the teacher's saved scale)")
+    backward: bool = option(True, switch="--no-backward",
+                            help="ablation: forward distillation (states from noised real images)")
+    srl: bool = option(True, switch="--no-srl", help="ablation: without the Shifted Reconstruction Loss")
+    noise_correction: bool = option(True, switch="--no-noise-correction",
+                                    help="ablation: without noise correction at t = T")
+    adversarial: bool = option(True, switch="--no-adversarial", help="ablation: without the discriminator")
+    lambda_adv: float = option(1e-2, "--lambda-adv", "weight of the discriminator's loss in the student's")
+    d_lr: float = option(1e-4, "--d-lr", "AdamW learning rate of the discriminator")
+    fwd_share: float = option(0.0, "--fwd-share",
+                              "DDIL: probability that a batch starts from forward-noised real images")
     step_weights: tuple = ()          # per grid step loss weights; () = all 1
     clip: float = 0.0                 # DDIL reflection: clamp x0 to [-clip, clip]
-    checkpoint_every: int = 250
-    val_every: int = 100              # validation FD every N iterations (0: off); `student` = the best one
-    val_samples: int = 500
-    classifier: str = "checkpoints/mnist-classifier"
-    seed: int = 0
+    checkpoint_every: int = option(250, "--checkpoint-every",
+                                   "save a checkpoint (and a sample grid) every N iterations")
+    val_every: int = option(100, "--val-every", "validation FD every N iterations; student/ is the best "
+                                                "(0: off, student/ is the last)")
+    val_samples: int = option(500, "--val-samples", "samples per validation FD")
+    classifier: str = option("checkpoints/mnist-classifier", "--classifier",
+                             "feature network for the validation FD (the train split only)")
+    seed: int = option(0, "--seed", "seed of the run's random draws")
     bf16: bool = True
     sample_every_checkpoint: bool = True
 
@@ -120,39 +132,39 @@ def teacher_grid(tau: int, k: int) -> list[int]:
 
 
 @torch.no_grad()
-def rollout(student: Denoiser, sched: NoiseSchedule, grid: list[int], i: int, x_T: torch.Tensor,
-            labels: torch.Tensor, noise_correction: bool, clip: float = 0.0) -> torch.Tensor:
-    """x at grid[i] after i student steps from x_T (noise-corrected at t = T)."""
-    x = x_T
-    for j in range(i):
-        x, _ = denoise_step(student, sched, grid, j, x, labels, x_T, noise_correction=noise_correction,
-                            clip=clip)
-    return x
+def rollout(student: Denoiser, plan: StepPlan, i: int, x_T: torch.Tensor, labels: torch.Tensor,
+            clip: float = 0.0) -> torch.Tensor:
+    """x at plan.grid[i] after i student steps from x_T (the plan says where noise correction applies)."""
+    return run_plan(student, plan, x_T, labels, stop=i, clip=clip)[0]
 
 
 class Distiller:
     """Holds the models and does one iteration; ``distill`` drives it."""
 
-    def __init__(self, cfg: DistillConfig, rank: int = 0, world: int = 1):
+    def __init__(self, cfg: DistillConfig, rank: int = 0, world: int = 1,
+                 device: str | torch.device | None = "cpu"):
         if cfg.batch_size % world:
             raise ValueError(f"distill: batch size {cfg.batch_size} does not split over {world} processes")
         self.cfg, self.rank, self.world = cfg, rank, world
         self.local_batch = cfg.batch_size // world
+        # every model and tensor of the run lives here; random draws come from CPU generators
+        self.device = resolve_device(device)
         teacher, meta = load_pretrained(cfg.teacher, kinds=("teacher",))
         self.meta = meta
-        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.sched = NoiseSchedule(ScheduleConfig(**meta["schedule"]))
-        self.grid = trailing_grid(cfg.steps, self.sched.cfg.num_train_timesteps)
+        self.plan = StepPlan.build(self.sched, cfg.steps, noise_correction=cfg.noise_correction)
+        self.grid = list(self.plan.grid)
         self.guidance = float(cfg.guidance if cfg.guidance is not None else meta.get("guidance") or 1.0)
         mc = teacher.cfg
         self.shape = (mc.channels, mc.sample_size, mc.sample_size)
         torch.manual_seed(cfg.seed)
-        self.student = Denoiser(mc)
+        self.student = Denoiser(mc, schedule=teacher.schedule).to(self.device)
         self.student.load_state_dict(teacher.state_dict())
         self.student.train()
         self.ema = common.make_ema(self.student)
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=0.0)
-        self.disc = Discriminator(mc.channels, mc.num_classes)
+        self.disc = Discriminator(mc.channels, mc.num_classes).to(self.device)
         self.d_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.d_lr, betas=(0.5, 0.999))
         self.gen = torch.Generator().manual_seed(cfg.seed + 7919 * rank)    # per-sample draws
         # batch-level draws, the same on every rank (one process: the same generator)
@@ -160,12 +172,13 @@ class Distiller:
         self.student_fwd = self.student
         if tdist.is_available() and tdist.is_initialized() and world > 1:
             from torch.nn.parallel import DistributedDataParallel
-            self.student_fwd = DistributedDataParallel(self.student)
+            self.student_fwd = DistributedDataParallel(
+                self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self._real = None
         if not cfg.backward or cfg.adversarial or cfg.fwd_share > 0:
             # real images serve the discriminator and forward distillation only
             ds = fdata.load(meta["data"], size=mc.sample_size, channels=mc.channels)
-            self._real = fdata.split(ds, "train")
+            self._real = tuple(x.to(self.device) for x in fdata.split(ds, "train"))
 
     # -- state for checkpoints ------------------------------------------------------------
     def modules(self):
@@ -182,8 +195,11 @@ class Distiller:
             g["shared"] = self.shared
         return g
 
+    def _randn(self, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.gen).to(self.device)
+
     def _randint(self, lo: int, hi: int, n: int = 1) -> torch.Tensor:
-        return torch.randint(lo, hi, (n,), generator=self.gen)
+        return torch.randint(lo, hi, (n,), generator=self.gen).to(self.device)
 
     def _real_batch(self, b: int):
         idx = self._randint(0, len(self._real[0]), b)
@@ -197,13 +213,13 @@ class Distiller:
         forward = (not cfg.backward) or (cfg.fwd_share > 0 and float(torch.rand(1, generator=self.shared)) < cfg.fwd_share)
         if forward:
             x0, labels = self._real_batch(b)
-            eps = torch.randn(x0.shape, generator=self.gen)
+            eps = self._randn(x0.shape)
             a_t, s_t = sched.alpha_sigma(t)
             return a_t * x0 + s_t * eps, t, labels, i, True
         labels = self._randint(0, self.teacher.cfg.num_classes, b)
-        x_T = torch.randn((b,) + self.shape, generator=self.gen)
+        x_T = self._randn((b,) + self.shape)
         self.student.eval()
-        x_t = rollout(self.student, sched, self.grid, i, x_T, labels, cfg.noise_correction, cfg.clip)
+        x_t = rollout(self.student, self.plan, i, x_T, labels, cfg.clip)
         self.student.train()
         return x_t, t, labels, i, False
 
@@ -217,7 +233,7 @@ class Distiller:
                 tau += int(torch.randint(-cfg.gamma_jitter, cfg.gamma_jitter + 1, (1,), generator=self.shared))
             tau = min(max(tau, 1), sched.T)
             a, s = sched.alpha_sigma(tau)
-            chi = srl_renoise(x0_s, torch.randn(x0_s.shape, generator=self.gen), a=a, s=s)
+            chi = srl_renoise(x0_s, self._randn(x0_s.shape), a=a, s=s)
         else:
             chi, tau = x_t, t
         return sample(self.teacher, labels, schedule=sched, steps=cfg.teacher_steps, shape=self.shape,
@@ -231,8 +247,8 @@ class Distiller:
         b = self.local_batch
         x_t, t, labels, i, _ = self.student_state(b)                               # (B, C, H, W)
         a_t, s_t = sched.alpha_sigma(t)
-        tt = torch.full((b,), t, dtype=torch.long)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        tt = torch.full((b,), t, dtype=torch.long, device=self.device)
+        with autocast(self.device, torch.bfloat16, enabled=cfg.bf16):
             eps_s = self.student_fwd(x_t, tt, labels)
         eps_s = eps_s.float()
         x0_s = (x_t - s_t * eps_s) / a_t                                            # 3. with grad
@@ -240,11 +256,11 @@ class Distiller:
         w = cfg.step_weights[i] if cfg.step_weights else 1.0
         l_srl = srl_loss(x_t, eps_s, x0_t, a_t=a_t, s_t=s_t)                       # 6.
         loss = w * l_srl
-        out = {"loss": loss, "srl": l_srl.detach(), "adv": torch.zeros(()), "i": i}
+        out = {"loss": loss, "srl": l_srl.detach(), "adv": torch.zeros((), device=self.device), "i": i}
         if cfg.adversarial:
             real, real_lab = self._real_batch(b)
             td = self._randint(0, sched.T + 1, b)
-            noise = torch.randn(real.shape, generator=self.gen)
+            noise = self._randn(real.shape)
             fake_t = sched.add_noise(x0_s, noise, td)
             l_adv = g_loss(self.disc(fake_t, td, labels))
             out["loss"] = loss + cfg.lambda_adv * l_adv
@@ -273,7 +289,7 @@ class Distiller:
         r["loss"].backward()                        # DDP averages the student's gradients here
         common.check_finite(torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0), it)
         self.opt.step()
-        ld = torch.zeros(())
+        ld = torch.zeros((), device=self.device)
         if cfg.adversarial:                                                        # 7.
             ld = self.d_loss(r["d_inputs"])
             common.check_finite(ld, it)
@@ -321,6 +337,7 @@ class Validator:
         from flashcore.metrics import blank_and_washed, features_and_logits, frechet_distance
         x, _ = generate(model, self.meta, self.labels, steps=self.cfg.steps, guidance=1.0,
                         noise_correction=self.cfg.noise_correction, clip=self.cfg.clip, seed=VAL_SEED)
+        x = x.cpu()                                   # the classifier stays on the CPU
         f, logits = features_and_logits(self.clf, x)
         return {"fd": frechet_distance(f, self.f_ref),
                 "accuracy": float((logits.argmax(1) == self.labels).float().mean()),
@@ -347,14 +364,15 @@ def sample_grid(dist: Distiller, path: str) -> None:
     save_png(image_grid(x, nrow=8), path, scale=2)
 
 
-def init_distributed() -> tuple[int, int]:
+def init_distributed(device: torch.device = torch.device("cpu")) -> tuple[int, int]:
     """(rank, world size): joins the process group torchrun describes in the
-    environment (gloo on CPU, NCCL when CUDA is there), else (0, 1)."""
+    environment, else (0, 1). The backend follows the device the ranks' tensors
+    are on (``devices.dist_backend``): gloo for CPU tensors even where CUDA exists."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     if not tdist.is_initialized():
-        tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        tdist.init_process_group(dist_backend(device))
     return tdist.get_rank(), tdist.get_world_size()
 
 
@@ -375,17 +393,18 @@ def _gather_generators(dist: Distiller) -> dict:
 
 
 def distill(cfg: DistillConfig, run_dir: str, resume: bool = False, progress: bool = True,
-            max_iters_this_call: int | None = None) -> str:
+            max_iters_this_call: int | None = None, device: str | torch.device | None = "auto") -> str:
     """Distil (or resume) a student in ``run_dir``; returns the exported student directory.
     Under torchrun every rank calls this; rank 0 holds the folder and writes. Raises
     ``common.Interrupted`` (rank 0) after checkpointing when stopped by Ctrl-C or SIGTERM."""
-    rank, world = init_distributed()
+    dev = resolve_device(device)                 # cuda:LOCAL_RANK under torchrun on GPUs
+    rank, world = init_distributed(dev)
     with common.run_folder(run_dir, resume=resume, what="distill", lead=rank == 0):
-        return _distill(cfg, run_dir, rank, world, resume, progress, max_iters_this_call)
+        return _distill(cfg, run_dir, rank, world, resume, progress, max_iters_this_call, dev)
 
 
 def _distill(cfg: DistillConfig, run_dir: str, rank: int, world: int, resume: bool, progress: bool,
-             max_iters_this_call: int | None) -> str:
+             max_iters_this_call: int | None, device: torch.device) -> str:
     lead = rank == 0
     if resume:
         saved_world = common.saved_extra(run_dir).get("world_size", 1)
@@ -395,7 +414,7 @@ def _distill(cfg: DistillConfig, run_dir: str, rank: int, world: int, resume: bo
         cfg = dataclasses.replace(common.saved_config_as(run_dir, DistillConfig), iters=cfg.iters)
     if world > 1:
         tdist.barrier()          # every rank has checked run_dir before rank 0 writes to it
-    dist = Distiller(cfg, rank, world)
+    dist = Distiller(cfg, rank, world, device)
     it = 0
     if resume:
         it = common.load_state(run_dir, dist.modules(), dist.optimizers(), dist.generators(),
@@ -403,6 +422,8 @@ def _distill(cfg: DistillConfig, run_dir: str, rank: int, world: int, resume: bo
     log = common.LossLog(run_dir, it if resume else None) if lead else None
     if lead:
         log.set_header(["srl", "adv", "d", "grid_index"])
+        # the resolved config beside the checkpoints: `flashcore distill --config RUN/config.json` reruns it
+        write_json(os.path.join(run_dir, "config.json"), dataclasses.asdict(cfg))
     validator, val_log, best = None, None, float("inf")
     if cfg.val_every and lead:
         validator = Validator(cfg, dist.meta)

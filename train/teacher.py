@@ -1,9 +1,12 @@
-"""Teacher training: class-conditional epsilon prediction (Ho et al. 2020)
-with label dropout for classifier-free guidance (Ho & Salimans 2022).
+"""Teacher training: class-conditional diffusion (Ho et al. 2020) with label
+dropout for classifier-free guidance (Ho & Salimans 2022), epsilon or
+v-prediction (Salimans & Ho 2022; with a zero-terminal-SNR schedule, Lin et al.
+2023, so that x_T carries no signal).
 
     x0, c ~ data (train split);  t ~ U{0..T};  eps ~ N(0, I)
     c' = null with probability p_uncond (once per sample)
-    loss = mean((model(a_t x0 + s_t eps, t, c') - eps)^2)
+    target = eps  (epsilon)   or   a_t eps - s_t x0  (v_prediction)
+    loss = mean((net(a_t x0 + s_t eps, t, c') - target)^2)
 """
 from __future__ import annotations
 
@@ -107,7 +110,7 @@ def _train_teacher(cfg: TeacherConfig, run_dir: str, resume: bool, progress: boo
     sched = NoiseSchedule(cfg.schedule)
 
     torch.manual_seed(cfg.seed)
-    model = Denoiser(cfg.model).train()
+    model = Denoiser(cfg.model, schedule=sched).train()
     ema = common.make_ema(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -138,8 +141,8 @@ def _train_teacher(cfg: TeacherConfig, run_dir: str, resume: bool, progress: boo
             for gparam in opt.param_groups:
                 gparam["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                pred = model(x_t, t, c)
-            loss = (pred.float() - eps).square().mean()
+                pred = model.raw(x_t, t, c)                              # eps or v (prediction_type)
+            loss = (pred.float() - model.target(x0, eps, t)).square().mean()
             common.check_finite(loss, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,5 +1,14 @@
-"""The class-conditional epsilon-prediction denoiser: a diffusers model behind
-one adapter, so teacher, student and sampler see ``eps(x_t, t, labels)``.
+"""The class-conditional denoiser: a diffusers model behind one adapter, so
+teacher, student and sampler see ``eps(x_t, t, labels)``.
+
+Prediction types (``ModelConfig.prediction_type``), with x_t = a_t x0 + s_t eps:
+- ``epsilon``: the network predicts eps;
+- ``v_prediction`` (Salimans & Ho 2022): the network predicts v = a_t eps - s_t x0,
+  and ``forward`` returns eps = s_t x_t + a_t v. The sampler then forms
+  x0 = (x_t - s_t eps) / a_t = a_t x_t - s_t v (since a_t^2 + s_t^2 = 1), which
+  stays well defined at a zero-terminal-SNR t = T (a_T floored, s_T = 1: x0 = -v),
+  where an epsilon head would divide its error by a_T ~ 0. So every consumer of
+  eps (sampler, noise correction, SRL, the fused kernels) works unchanged.
 
 Labels ``0..K-1`` are classes; label ``K`` is the null condition of
 classifier-free guidance. Label dropout for CFG is done once per sample by
@@ -19,6 +28,7 @@ from ..checkpoint import (CheckpointError, check_json, config_from_json, current
 from .attention_processor import FlashcoreAttnProcessor
 
 ARCHS = ("unet", "dit")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass
@@ -36,10 +46,14 @@ class ModelConfig:
     num_layers: int = 4
     num_heads: int = 4
     head_dim: int = 32
+    prediction_type: str = "epsilon"
 
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"model: unknown arch {self.arch!r}; expected one of {ARCHS}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"model: prediction_type {self.prediction_type!r} is not supported; "
+                             f"expected one of {PREDICTION_TYPES}")
         self.block_out_channels = tuple(self.block_out_channels)
 
 
@@ -79,18 +93,45 @@ def use_flashcore_attention(net: nn.Module, backend: str | None = None) -> int:
 
 
 class Denoiser(nn.Module):
-    def __init__(self, cfg: ModelConfig, net: nn.Module | None = None):
+    """``forward(x_t, t, labels) -> eps`` whatever the network predicts.
+
+    A v-prediction model needs its noise ``schedule`` (the a_t, s_t of the
+    conversion, kept as non-persistent buffers: they follow ``.to(device)`` and
+    stay out of the weights file)."""
+
+    def __init__(self, cfg: ModelConfig, net: nn.Module | None = None, schedule=None):
         super().__init__()
         self.cfg = cfg
         self.net = net if net is not None else build_net(cfg)
         self.null_label = cfg.num_classes
+        self.schedule = schedule
+        if cfg.prediction_type == "v_prediction":
+            if schedule is None:
+                raise ValueError("model: a v_prediction model needs its noise schedule")
+            self.register_buffer("_a", schedule.a.float(), persistent=False)       # (T+1,)
+            self.register_buffer("_s", schedule.s.float(), persistent=False)
         use_flashcore_attention(self.net)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """eps prediction; x (B, C, H, W), t (B,) int64, labels (B,) int64 -> (B, C, H, W)."""
+    def raw(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The network's own output (eps or v); x (B, C, H, W), t (B,) int64, labels (B,) int64."""
         if self.cfg.arch == "unet":
             return self.net(x, t, class_labels=labels).sample
         return self.net(x, timestep=t, class_labels=labels).sample
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """eps prediction (B, C, H, W)."""
+        out = self.raw(x, t, labels)
+        if self.cfg.prediction_type == "epsilon":
+            return out
+        a, s = self._a[t].view(-1, 1, 1, 1), self._s[t].view(-1, 1, 1, 1)          # (B, 1, 1, 1)
+        return s * x + a * out.to(x.dtype)
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What ``raw`` is trained to output for x_t = a_t x0 + s_t eps."""
+        if self.cfg.prediction_type == "epsilon":
+            return eps
+        a, s = self._a[t].view(-1, 1, 1, 1), self._s[t].view(-1, 1, 1, 1)
+        return a * eps - s * x0
 
     def eps_cfg(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor):
         """(eps_c, eps_u) in one batched evaluation of 2B samples (2 NFE per step)."""
@@ -169,7 +210,14 @@ def load_pretrained(path: str, *, kinds: tuple[str, ...] = ("teacher", "student"
         raise CheckpointError(f"checkpoint: {file}: tensor {bad[0]!r} {bad[1]}"
                               + (" (the weights do not fit config.json)" if bad[2] else ""))
     net.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
-    model = Denoiser(cfg, net).eval()
+    schedule = None
+    if cfg.prediction_type != "epsilon":
+        if "schedule" not in meta:
+            raise CheckpointError(f"checkpoint: {path!r}: a {cfg.prediction_type} model needs 'schedule' in "
+                                  "config.json")
+        from ..schedule import NoiseSchedule, ScheduleConfig
+        schedule = NoiseSchedule(ScheduleConfig(**meta["schedule"]))
+    model = Denoiser(cfg, net, schedule).eval()
     if cfg.arch == "dit":
         for m in model.modules():
             if hasattr(m, "dropout_prob"):
