@@ -14,6 +14,12 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def grid(x: torch.Tensor, nrow: int, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+    """A padded grid of ``x`` (B, C, H, W) in [-1, 1] as uint8 (rows of ``nrow``).
+
+    Why not ``diffusers.utils.make_image_grid``: it takes a list of PIL images,
+    has no padding between them and needs rows * cols == len(images); here the
+    pixels must come from ``to_uint8`` (the exact 8-bit image ``eval`` scores) and
+    a last row may be short."""
     imgs = to_uint8(x)
     b, h, w, c = imgs.shape
     ncol = -(-b // nrow)

@@ -185,6 +185,16 @@ def _remove_created(created: list[str], run_dir: str) -> None:
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter.
+
+    Why not ``diffusers.training_utils.EMAModel`` or ``torch.optim.swa_utils.AveragedModel``:
+    the EMA here must be a plain ``Denoiser`` (the validator samples it, ``export``
+    saves it, the distiller's DisBack path copies it) whose state dict has the
+    model's own keys, so it lands in the run's one safetensors file and resumes
+    exactly. EMAModel keeps shadow tensors outside a module (weights would be
+    swapped in and out to sample), AveragedModel renames every key (``module.``)
+    and adds a counter, and both would need a custom rule for the teacher's
+    warm-up copy (decay 0). Four lines of ``lerp_`` do the same arithmetic."""
     for pe, pm in zip(ema.parameters(), model.parameters()):
         pe.lerp_(pm.detach(), 1 - decay)
     for be, bm in zip(ema.buffers(), model.buffers()):
