@@ -189,7 +189,7 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
     Why not ``diffusers.training_utils.EMAModel`` or ``torch.optim.swa_utils.AveragedModel``:
     the EMA here must be a plain ``Denoiser`` (the validator samples it, ``export``
-    saves it, the distiller's DisBack path copies it) whose state dict has the
+    saves it) whose state dict has the
     model's own keys, so it lands in the run's one safetensors file and resumes
     exactly. EMAModel keeps shadow tensors outside a module (weights would be
     swapped in and out to sample), AveragedModel renames every key (``module.``)
