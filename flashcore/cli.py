@@ -48,14 +48,28 @@ _per_class = COUNT.parse                                # this machine's memory 
 _samples = Range(int, 2, COUNT.hi).parse                # an FD needs a covariance: two samples at least
 
 
+def _add_device_flag(p):
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda or cuda:N; auto: cuda when a GPU is visible, else cpu")
+
+
+def _device(a):
+    from flashcore.devices import resolve_device
+    try:
+        return resolve_device(a.device)
+    except ValueError as e:
+        raise UsageError(f"--device: {e}") from None
+
+
 def _add_engine_flags(p):
     p.add_argument("--compile", action="store_true", help="torch.compile the sampler step (compile time counts)")
     p.add_argument("--bf16", action="store_true", help="run the network in bfloat16 autocast")
+    _add_device_flag(p)
 
 
 def _engine_kwargs(a) -> dict:
     import torch
-    return {"compile": a.compile, "dtype": torch.bfloat16 if a.bf16 else torch.float32}
+    return {"compile": a.compile, "dtype": torch.bfloat16 if a.bf16 else torch.float32, "device": _device(a)}
 
 
 def _data_shape(name: str, model) -> tuple[int, int]:
@@ -269,6 +283,7 @@ def _add_demo(sub):
     p.add_argument("--per-class", type=_per_class, default=2, help="images per class in every row")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the sampling noise (the same in every row)")
     p.add_argument("--out", type=out_file, default="out/demo.png", help="the picture to write (PNG)")
+    _add_device_flag(p)
     return p
 
 
@@ -281,6 +296,7 @@ def cmd_demo(a) -> int:
     from flashcore.evaluate import generate
     from flashcore.images import labelled_rows
     from flashcore.models import load_pretrained
+    device = _device(a)
     tpeek = peek_meta(a.teacher)
     check_steps("--teacher-steps", a.teacher_steps, tpeek)
     if tpeek is not None:
@@ -305,8 +321,10 @@ def cmd_demo(a) -> int:
     rows, times = [], []
     for model, meta, steps, g, name in runs:
         nc = bool(meta.get("noise_correction", True))
-        generate(model, meta, labels[:1], steps=1, guidance=g, noise_correction=nc, seed=a.seed)   # warm-up
-        x, secs = generate(model, meta, labels, steps=steps, guidance=g, noise_correction=nc, seed=a.seed)
+        generate(model, meta, labels[:1], steps=1, guidance=g, noise_correction=nc, seed=a.seed,
+                 device=device)                                                                   # warm-up
+        x, secs = generate(model, meta, labels, steps=steps, guidance=g, noise_correction=nc, seed=a.seed,
+                           device=device)
         ms = 1000 * secs / len(labels)
         nfe = steps * (2 if g != 1.0 else 1)
         times.append(ms)
@@ -357,6 +375,7 @@ def _add_distill(sub):
     _distill_flags(p)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out exactly (only --iters may differ from the run's settings)")
+    _add_device_flag(p)
     return p
 
 
@@ -377,7 +396,7 @@ def cmd_distill(a) -> int:
         cfg = _distill_config(a)
         distill_memory(cfg, cfg.val_samples if cfg.val_every else None)
     _print_config(cfg)
-    out = distill(cfg, a.out, resume=a.resume)
+    out = distill(cfg, a.out, resume=a.resume, device=_device(a))
     print(f"student saved to {out}")
     return 0
 
@@ -389,6 +408,7 @@ def _add_ablate(sub):
     p.add_argument("--samples", type=_samples, default=1000, help="samples per flashcore eval")
     p.add_argument("--variants", default=None, help="comma list (default: all): full,forward,no-srl,"
                                                     "no-noise-correction,no-adversarial")
+    _add_device_flag(p)
     return p
 
 
@@ -401,7 +421,7 @@ def cmd_ablate(a) -> int:
                        + (["--variants", a.variants] if a.variants else []))
     res = ablate(cfg, a.out, cfg.classifier, samples=a.samples,
                  variants=a.variants.split(",") if a.variants else None, flags_of=_distill_command_flags,
-                 command=command)
+                 command=command, device=_device(a))
     print(open(os.path.join(a.out, "ablation.md")).read())
     print(f"table: {os.path.join(a.out, 'ablation.md')}, picture: {os.path.join(a.out, 'ablation.png')}, "
           f"{len(res['rows'])} rows")

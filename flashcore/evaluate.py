@@ -34,8 +34,12 @@ VALIDATION_FEATURES = os.path.join(_HOME, "checkpoints", "mnist-classifier")
 
 def generate(model, meta: dict, labels: torch.Tensor, *, steps: int, guidance: float,
              noise_correction: bool = True, clip: float = 0.0, seed: int = 0, batch: int = 250,
-             compile: bool = False, dtype: torch.dtype = torch.float32, progress: bool = False):
-    """Samples for ``labels`` in batches; returns (x0 (N, C, H, W), seconds).
+             compile: bool = False, dtype: torch.dtype = torch.float32, progress: bool = False,
+             device: str | torch.device | None = None):
+    """Samples for ``labels`` in batches; returns (x0 (N, C, H, W) on the CPU, seconds).
+
+    ``device`` moves the model there first (None: where it is); the noise is
+    drawn on the CPU from ``seed``, so every device samples from the same x_T.
 
     Runs on ``flashcore.engine.Engine``. With the defaults (eager, float32) the
     result is exactly ``flashcore.sampler.sample``'s, batch by batch. ``compile``
@@ -55,7 +59,10 @@ def generate(model, meta: dict, labels: torch.Tensor, *, steps: int, guidance: f
     """
     from tqdm import tqdm
 
+    from .devices import resolve_device
     from .engine import Engine
+    if device is not None:
+        model = model.to(resolve_device(device))
     sched = NoiseSchedule(ScheduleConfig(**meta["schedule"]))
     shape = (model.cfg.channels, model.cfg.sample_size, model.cfg.sample_size)
     engine = Engine(model, sched, steps=steps, guidance=guidance, noise_correction=noise_correction, clip=clip,
@@ -67,7 +74,7 @@ def generate(model, meta: dict, labels: torch.Tensor, *, steps: int, guidance: f
         for i in range(0, len(labels), batch):
             lab = labels[i:i + batch]
             x_T = torch.randn((len(lab),) + shape, generator=g)
-            out.append(engine.sample(lab, x_T=x_T))
+            out.append(engine.sample(lab, x_T=x_T).cpu())
             bar.update(len(lab))
     return torch.cat(out), time.perf_counter() - t0
 
@@ -158,7 +165,7 @@ def evaluate(model_dir: str, features: str | list[str] | tuple[str, ...] | None 
              guidance: float | None = None, samples: int = 1000, seed: int = 0, k: int = 5,
              noise_correction: bool = True, clip: float = 0.0, compile: bool = False,
              dtype: torch.dtype = torch.float32, progress: bool = False,
-             refuse_validation_space: bool = False) -> dict:
+             refuse_validation_space: bool = False, device: str | torch.device | None = None) -> dict:
     """Every figure of ``flashcore eval`` as a JSON-ready dict.
 
     ``features``: the headline feature networks (default ``HEADLINE_FEATURES``);
@@ -197,7 +204,7 @@ def evaluate(model_dir: str, features: str | list[str] | tuple[str, ...] | None 
                          f"{len(x_ref)} reference images, {len(sub)} floor images")
     x_ref, x_floor, y_floor = user_images(x_ref), user_images(x_tr[sub]), y_tr[sub]
     raw, secs = generate(model, meta, labels, steps=steps, guidance=guidance, noise_correction=noise_correction,
-                         clip=clip, seed=seed, compile=compile, dtype=dtype, progress=progress)
+                         clip=clip, seed=seed, compile=compile, dtype=dtype, progress=progress, device=device)
     x = user_images(raw)
     per_space = {}
     for name, clf, info in spaces:

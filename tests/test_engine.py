@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 from flashcore.engine import BUCKETS, Engine, FlashcoreLinear, bucket_for, coefficient_table, engine_update
 from flashcore.evaluate import generate
 from flashcore.models import Denoiser
-from flashcore.ops import _dispatch, available_backends
+from flashcore.ops import _dispatch, backends_for
 from flashcore.ops.linear import pack_weight
 from flashcore.sampler import sample
 from flashcore.testing import spy_backends
@@ -95,7 +95,7 @@ def test_linear_option_runs_the_fast_linear_on_a_copy_and_stays_close(monkeypatc
     (for the fused q/k/v). Forced on in eager mode the fast GEMMs (another summation
     order, ~1e-6 apart per layer) keep the samples within the compiled engine's
     tolerance, and the model itself keeps its nn.Linear layers."""
-    built = available_backends("linear")
+    built = backends_for("linear")
     if "cpp" not in built and "onednn" not in built:
         pytest.skip("neither the native extension nor oneDNN is built")
     torch.manual_seed(0)
@@ -164,7 +164,7 @@ def test_compiled_dit_step_is_one_graph_across_steps_and_calls():
 def test_frozen_float32_engine_fuses_qkv_and_stays_close(monkeypatch):
     """Compiled with freeze and the fast linear, self-attention's q/k/v run as one
     GEMM on stacked copies of the weights (N = 3C), within the compiled tolerance."""
-    if not {"cpp", "onednn"} & set(available_backends("linear")):
+    if not {"cpp", "onednn"} & set(backends_for("linear")):
         pytest.skip("neither the native extension nor oneDNN is built")
     torch.manual_seed(0)
     model = Denoiser(TINY_DIT).eval()
@@ -306,3 +306,22 @@ def test_engine_overrides_a_shared_config(tiny_denoiser):
     eng = Engine(tiny_denoiser, NoiseSchedule(), base, steps=2)
     assert eng.grid == [999, 499] and eng.guidance == 2.0 and base.steps == 3
     assert eng.device == next(tiny_denoiser.parameters()).device
+
+
+def test_engine_mode_auto_follows_the_device():
+    """CUDA graphs (reduce-overhead) for a compiled engine on a CUDA model; inductor's
+    default on the CPU; float16 only on CUDA. Resolved without a GPU (a stand-in model)."""
+    from flashcore.engine import EngineConfig
+
+    def fake(device):
+        cfg = SimpleNamespace(channels=1, sample_size=8)
+        return SimpleNamespace(cfg=cfg, parameters=lambda: iter([SimpleNamespace(device=torch.device(device))]))
+    sch = NoiseSchedule()
+    assert EngineConfig(steps=2).resolve(fake("cpu"), sch).mode is None
+    gpu = EngineConfig(steps=2).resolve(fake("cuda"), sch)
+    assert gpu.mode == "reduce-overhead" and gpu.cuda_graphs
+    assert EngineConfig(steps=2, compile=False).resolve(fake("cuda"), sch).mode is None
+    assert EngineConfig(steps=2, mode="max-autotune").resolve(fake("cuda"), sch).mode == "max-autotune"
+    assert EngineConfig(steps=2, dtype=torch.float16).resolve(fake("cuda"), sch).autocast == torch.float16
+    with pytest.raises(ValueError, match="float16 is for CUDA"):
+        EngineConfig(steps=2, dtype=torch.float16).resolve(fake("cpu"), sch)

@@ -41,13 +41,16 @@ DESCRIPTION = {
 TEACHER_REFERENCE_STEPS = 50
 
 
-def _eval_cached(path: str, model: str, classifier: str, steps: int, samples: int, **kw) -> dict:
+def _eval_cached(path: str, model: str, steps: int, samples: int, **kw) -> dict:
+    """``flashcore eval`` in its headline feature spaces (never the validation
+    classifier that picked the students), cached in ``path``."""
     from flashcore.evaluate import evaluate
     if os.path.exists(path):
         r = read_json(path)
-        if r.get("samples") == samples and r.get("steps") == steps:
+        headline = all(not s.get("is_validation_space", True) for s in r.get("feature_spaces", {"": {}}).values())
+        if r.get("samples") == samples and r.get("steps") == steps and headline:
             return r
-    r = evaluate(model, classifier, steps=steps, samples=samples, **kw)
+    r = evaluate(model, None, steps=steps, samples=samples, **kw)
     write_json(path, r)
     return r
 
@@ -63,12 +66,12 @@ def row_command(cfg: DistillConfig, run_dir: str, flag: str, flags_of) -> str:
 
 def ablate(base: DistillConfig, out: str, classifier: str, *, samples: int = 1000,
            variants: list[str] | None = None, flags_of=None, progress: bool = True,
-           command: str | None = None) -> dict:
+           command: str | None = None, device=None) -> dict:
     """Train and evaluate every variant; returns the results dict written to ablation.json."""
     with common.run_folder(out, resume=None, what="ablate"):
         try:
             return _ablate(base, out, classifier, samples=samples, variants=variants, flags_of=flags_of,
-                           progress=progress, command=command)
+                           progress=progress, command=command, device=device)
         except common.Interrupted as e:          # resuming an ablation is running it again, not --resume
             raise common.RunError(f"ablate: interrupted by {e.signame} at iteration {e.step} of {e.total} of "
                                   f"{e.run_dir!r}; its checkpoint is saved, run the same ablate command again "
@@ -76,7 +79,7 @@ def ablate(base: DistillConfig, out: str, classifier: str, *, samples: int = 100
 
 
 def _ablate(base: DistillConfig, out: str, classifier: str, *, samples: int, variants: list[str] | None,
-            flags_of, progress: bool, command: str | None) -> dict:
+            flags_of, progress: bool, command: str | None, device=None) -> dict:
     from flashcore.evaluate import generate
     from flashcore.images import labelled_rows
     from flashcore.models import load_pretrained
@@ -92,19 +95,19 @@ def _ablate(base: DistillConfig, out: str, classifier: str, *, samples: int, var
         run_dir = os.path.join(out, "runs", name)
         if not _finished(run_dir, cfg.iters):
             print(f"ablate: training {name!r} ({DESCRIPTION[name]}) in {run_dir}", flush=True)
-            distill(cfg, run_dir, resume=common.has_state(run_dir), progress=progress)
+            distill(cfg, run_dir, resume=common.has_state(run_dir), progress=progress, device=device)
         student = os.path.join(run_dir, "student")
         meta = read_json(os.path.join(student, "config.json"))
-        evals = {s: _eval_cached(os.path.join(run_dir, f"eval-{s}step.json"), student, classifier, s, samples,
-                                 noise_correction=cfg.noise_correction) for s in range(1, n + 1)}
+        evals = {s: _eval_cached(os.path.join(run_dir, f"eval-{s}step.json"), student, s, samples,
+                                 noise_correction=cfg.noise_correction, device=device) for s in range(1, n + 1)}
         rows.append({"name": name, "what": DESCRIPTION[name], "run": run_dir, "model": student,
                      "command": row_command(cfg, run_dir, flag, flags_of) if flags_of else None,
                      "selected_iter": meta.get("validation", {}).get("iter", meta.get("train_iters")),
                      "noise_correction": cfg.noise_correction, "eval": evals})
     tdir = os.path.join(out, "teacher")
     os.makedirs(tdir, exist_ok=True)
-    teacher_evals = {s: _eval_cached(os.path.join(tdir, f"eval-{s}step.json"), base.teacher, classifier, s,
-                                     samples, guidance=base.guidance)
+    teacher_evals = {s: _eval_cached(os.path.join(tdir, f"eval-{s}step.json"), base.teacher, s,
+                                     samples, guidance=base.guidance, device=device)
                      for s in list(range(1, n + 1)) + [TEACHER_REFERENCE_STEPS]}
     result = {"command": command, "steps": n, "iters": base.iters, "seed": base.seed, "samples": samples, "teacher": base.teacher,
               "classifier": classifier, "config": dataclasses.asdict(base), "rows": rows,
@@ -137,15 +140,22 @@ def _shown(path: str) -> str:
     return path if rel.startswith("..") else rel
 
 
+def _recall(r: dict) -> str:
+    space = r.get("feature_spaces", {}).get(r.get("headline_space"), {})
+    return f"{space['recall']:.3f}" if "recall" in space else "-"
+
+
 def markdown(res: dict) -> str:
     n = res["steps"]
     cols = list(range(1, n + 1))
-    head = ["row", "what"] + [f"FD @{s}" for s in cols] + [f"acc @{s}" for s in cols] + [f"washed @{n}",
-                                                                                        "selected iter"]
+    head = ["row", "what"] + [f"FD @{s}" for s in cols] + [f"acc @{s}" for s in cols] + [
+        f"recall @{n}", f"washed @{n}", "selected iter"]
+    space = res["teacher_rows"][str(n) if str(n) in res["teacher_rows"] else n].get("headline_space", "?")
     lines = [f"# Ablation: {n}-step students, {res['iters']} iterations each, seed {res['seed']}", "",
-             f"FD and accuracy from `flashcore eval` ({res['samples']} samples, seed 0, classifier "
-             f"`{_shown(res['classifier'])}`, FD against the eval split). Every student is the EMA checkpoint the "
-             "validation FD (train split, seed 1) picked during its run."]
+             f"FD, accuracy and recall from `flashcore eval` ({res['samples']} samples, seed 0, feature space "
+             f"`{space}`, against the eval split; the JSON holds every headline space). Every student is the EMA "
+             f"checkpoint that the validation FD (classifier `{_shown(res['classifier'])}`, train split, seed 1) "
+             "picked during its run; that space is never reported here."]
     if res.get("command"):
         lines += ["", f"Produced by `{res['command']}`."]
     lines += ["",
@@ -156,15 +166,16 @@ def markdown(res: dict) -> str:
         lines.append(f"| teacher {s} steps | CFG {t[s]['guidance']:g}, {t[s]['nfe']} NFE | "
                      + " | ".join([f"{t[s]['fd']:.1f}" if c == n else "" for c in cols])
                      + " | " + " | ".join([f"{t[s]['accuracy']:.3f}" if c == n else "" for c in cols])
-                     + f" | {t[s]['washed_share']:.3f} | |")
+                     + f" | {_recall(t[s])} | {t[s]['washed_share']:.3f} | |")
     lines.append(f"| teacher DDIM | CFG {t[n]['guidance']:g}, noise corrected, 2 NFE a step | "
                  + " | ".join(f"{t[c]['fd']:.1f}" for c in cols) + " | "
-                 + " | ".join(f"{t[c]['accuracy']:.3f}" for c in cols) + f" | {t[n]['washed_share']:.3f} | |")
+                 + " | ".join(f"{t[c]['accuracy']:.3f}" for c in cols)
+                 + f" | {_recall(t[n])} | {t[n]['washed_share']:.3f} | |")
     for r in res["rows"]:
         e = {int(k): v for k, v in r["eval"].items()}
         lines.append(f"| {r['name']} | {r['what']} | " + " | ".join(f"{e[c]['fd']:.1f}" for c in cols) + " | "
                      + " | ".join(f"{e[c]['accuracy']:.3f}" for c in cols)
-                     + f" | {e[n]['washed_share']:.3f} | {r['selected_iter']} |")
+                     + f" | {_recall(e[n])} | {e[n]['washed_share']:.3f} | {r['selected_iter']} |")
     lines += ["", "Commands (one per row):", "", "```"]
     lines += [r["command"] for r in res["rows"] if r["command"]]
     lines += ["```", ""]

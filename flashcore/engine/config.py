@@ -17,7 +17,7 @@ from ..schedule import NoiseSchedule
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 GRAPHS = ("step", "sampler")
-DTYPES = (torch.float32, torch.bfloat16)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class EngineConfig:
     freeze: bool | str = "auto"
     buckets: tuple[int, ...] | None | str = "auto"
     graph: str = "step"
-    mode: str | None = None
+    mode: str | None = "auto"
     backend: str | None = None
     shape: tuple[int, int, int] | None = None
     cache_dir: str | None = None
@@ -47,8 +47,11 @@ class EngineConfig:
 
     def resolve(self, model, schedule: NoiseSchedule) -> "ResolvedEngine":
         """Validate, and turn every "auto" into a decision for this model and machine."""
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
         if self.dtype not in DTYPES:
-            raise ValueError(f"engine: dtype must be float32 or bfloat16, got {self.dtype}")
+            raise ValueError(f"engine: dtype must be float32, bfloat16 or float16, got {self.dtype}")
+        if self.dtype == torch.float16 and device.type != "cuda":
+            raise ValueError("engine: dtype float16 is for CUDA devices; on the CPU use bfloat16")
         if self.graph not in GRAPHS:
             raise ValueError(f"engine: graph must be one of {GRAPHS}, got {self.graph!r}")
         for name in ("linear", "freeze"):
@@ -60,7 +63,7 @@ class EngineConfig:
             raise ValueError(f"engine: {e}") from None
         compiled = bool(self.compile)
         # the linear row: the native kernel (GEMV at small M, oneDNN above) where built, else oneDNN alone
-        built = ops.available_backends("linear")
+        built = ops.backends_for("linear")
         linear_backend = next((b for b in ("cpp", "onednn") if b in built), None)
         # auto: compiled float32 only, so the eager engine stays bit-equal to sampler.sample
         # (oneDNN sums in another order) and bf16 keeps inductor's own packing of frozen weights
@@ -76,7 +79,10 @@ class EngineConfig:
                  else (model.cfg.channels, model.cfg.sample_size, model.cfg.sample_size))
         return ResolvedEngine(
             plan=plan, guidance=float(self.guidance), clip=float(self.clip), dtype=self.dtype,
-            compiled=compiled, freeze=freeze, buckets=buckets, graph=self.graph, mode=self.mode,
+            compiled=compiled, freeze=freeze, buckets=buckets, graph=self.graph,
+            # auto: CUDA graphs on a GPU (a few-step sampler is launch-bound there), inductor's default on the CPU
+            mode=("reduce-overhead" if compiled and device.type == "cuda" else None) if self.mode == "auto"
+            else self.mode,
             backend=self.backend, shape=shape, cache_dir=self.cache_dir, linear=linear,
             linear_backend=linear_backend, fuse_qkv=linear and compiled and freeze)
 
@@ -101,4 +107,8 @@ class ResolvedEngine:
 
     @property
     def autocast(self) -> torch.dtype | None:
-        return torch.bfloat16 if self.dtype == torch.bfloat16 else None
+        return None if self.dtype == torch.float32 else self.dtype
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.mode is not None and "reduce-overhead" in self.mode

@@ -98,7 +98,7 @@ class Engine:
         steps: sampler steps on the trailing grid (or pass ``grid``).
         guidance: CFG scale; 1.0 means a student (1 NFE a step).
         noise_correction, clip: as in ``flashcore.sampler.sample``.
-        dtype: float32, or bfloat16 to run the network under autocast.
+        dtype: float32, or bfloat16 (or float16 on CUDA) to run the network under autocast.
         compile: torch.compile the step (or the whole sampler, ``graph="sampler"``).
         freeze: inductor freezing; "auto" turns it on for bfloat16, and for
             compiled float32 with ``linear`` on (for the fused q/k/v). Frozen
@@ -115,7 +115,8 @@ class Engine:
             feed-forward GELU fused in. "auto": on for compiled float32 engines
             when oneDNN is built (see the module docstring for why not eager).
             Compiled with ``freeze`` too, self-attention q/k/v run as one fused GEMM.
-        mode: torch.compile mode (None is inductor's default).
+        mode: torch.compile mode; "auto": "reduce-overhead" (CUDA graphs, static
+            buffers) for a compiled engine on a CUDA model, inductor's default elsewhere.
         backend: flashcore backend for the update (None: context, env, auto).
         cache_dir: inductor cache directory (the cache is on either way).
     """
@@ -239,14 +240,19 @@ class Engine:
         n = bucket_for(b, self.buckets)
         x_T, labels = self._pad(x_T, labels, n)
         ts = self._ts(n)
+        if self.resolved.cuda_graphs:
+            # CUDA graphs replay into static output buffers: start a new generation of them
+            # per call, and hand the caller a copy (the next call overwrites the buffers)
+            torch.compiler.cudagraph_mark_step_begin()
         if self.graph == "sampler":
-            return self._fn("sampler", n)(x_T, labels, ts, self.coefs)[:b]
-        # a copy, so that no step sees x aliasing x_T: dynamo guards on aliasing and
-        # would otherwise compile the first step apart from the others
-        x = x_T.clone()
-        for i in range(len(self.grid)):
-            x, x0 = self._fn("step", n)(x, x_T, ts[i], labels, self.coefs[i])
-        return x0[:b]
+            x0 = self._fn("sampler", n)(x_T, labels, ts, self.coefs)
+        else:
+            # a copy, so that no step sees x aliasing x_T: dynamo guards on aliasing and
+            # would otherwise compile the first step apart from the others
+            x = x_T.clone()
+            for i in range(len(self.grid)):
+                x, x0 = self._fn("step", n)(x, x_T, ts[i], labels, self.coefs[i])
+        return x0[:b].clone() if self.resolved.cuda_graphs else x0[:b]
 
     @torch.no_grad()
     def warmup(self, batch_sizes=(1,)) -> float:
