@@ -22,7 +22,7 @@ ATOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
 
 def _backend(name: str) -> str:
-    if name not in ops.available_backends("attention"):
+    if name not in ops.backends_for("attention"):
         pytest.skip(f"{name} backend not built on this GPU machine")
     return name
 

@@ -1,13 +1,13 @@
-"""One backend table per op, chosen at call time.
+"""Which backend runs an op: policy only. The rows themselves live with each op.
 
-Order of precedence: an explicit ``backend=`` argument, then the innermost
-``use_backend(...)`` context, then ``FLASHCORE_BACKEND``, then ``auto``.
-``auto`` picks, for a CUDA tensor, triton > cuda > reference and, for a CPU
-tensor, cpp > onednn > reference, keeping only backends that are built and
-accept the inputs (``onednn`` is a row of the ``linear`` op only: PyTorch's
-oneDNN calls, no code of ours). A backend that was asked for but cannot take the inputs falls back to
-the reference with a one-time warning. Nothing is swapped at import time: a
-new backend is one ``register(...)`` row.
+Each ``ops/<op>.py`` declares its table (backend name -> ``Row``, see ``_rows``) with
+``declare``. On every call the op asks ``resolve`` which row to run. Precedence:
+an explicit ``backend=`` argument, then the innermost ``use_backend(...)`` context,
+then ``FLASHCORE_BACKEND``, then ``auto``. ``auto`` tries, by the inputs' device,
+``AUTO_ORDER`` (CUDA tensors: triton, cuda; CPU tensors: cpp, onednn) and keeps the
+first row that is built, takes that device and ``supports`` the inputs; else the
+reference. A backend asked for by name that cannot take the inputs falls back to the
+reference with a one-time warning. Nothing is swapped at import time.
 """
 from __future__ import annotations
 
@@ -15,82 +15,86 @@ import contextlib
 import os
 import threading
 import warnings
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from ._rows import Row
+
 BACKENDS = ("reference", "cpp", "cuda", "triton", "onednn")
 _NAMES = frozenset(BACKENDS + ("auto",))
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "onednn", "reference")}
+# the reference comes after these; a row not listed for a device (Triton interpreted on
+# CPU tensors, a test mode) runs only when asked for by name
+AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpp", "onednn")}
 _local = threading.local()
 _warned: set[tuple[str, str, str]] = set()
-
-
-@dataclass
-class Row:
-    impl: Callable
-    available: Callable[[], bool]          # is it built / importable at all
-    supports: Callable[..., str | None]     # None if it takes these inputs, else why not
-
-
 _TABLES: dict[str, dict[str, Row]] = {}
+
+__all__ = ["BACKENDS", "Row", "backends_for", "declare", "register", "resolve", "run", "table", "use_backend"]
+
+
+def declare(op: str, rows: dict[str, Row]) -> dict[str, Row]:
+    """Make ``rows`` the backend table of ``op`` (held, not copied); returns it."""
+    if "reference" not in rows:
+        raise ValueError(f"{op}: a table needs a 'reference' row (the fallback)")
+    for backend in rows:
+        if backend not in BACKENDS:
+            raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {BACKENDS}")
+    _TABLES[op] = rows
+    return rows
 
 
 def register(op: str, backend: str, impl: Callable, *, available: Callable[[], bool] = lambda: True,
-             supports: Callable[..., str | None] = lambda *a, **k: None) -> None:
+             supports: Callable[..., str | None] = lambda *a, **k: None,
+             device: str | Callable[[], str] | None = None) -> None:
+    """Add or replace one row of a declared op (a backend kept outside flashcore)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    _TABLES.setdefault(op, {})[backend] = Row(impl, available, supports)
-
-
-def register_device_rows(backend: str, impls: dict[str, Callable], *, available: Callable[[], bool],
-                         tensors: Callable[..., str | None], attention: Callable[..., str | None],
-                         elementwise: Callable[..., str | None]) -> None:
-    """Rows for a backend whose acceptance reduces to three checks, each returning a
-    reason or None: ``tensors(*ts)`` on any tensors, ``attention(q, k, v)`` on the
-    attention inputs and ``elementwise(*ts)`` on the inputs of an element-wise op.
-    The per-op ``supports`` signatures are built here once for every such backend."""
-    supports = {
-        "attention": lambda q, k, v, scale: attention(q, k, v),
-        "attention_bwd": lambda dout, q, k, v, out, lse, scale: attention(q, k, v) or tensors(dout, out),
-        "sampler_step": lambda x_t, eps_c, eps_u, x_T, *scalars: elementwise(x_t, eps_c, eps_u, x_T),
-        "srl_loss": lambda x_t, eps_s, x0_target, a_t, s_t: elementwise(x_t, eps_s, x0_target),
-        "srl_renoise": lambda x0, noise, a, s: elementwise(x0, noise),
-    }
-    for op, impl in impls.items():
-        register(op, backend, impl, available=available, supports=supports[op])
-
-
-_LINEAR_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def cpu_linear_supports(backend: str) -> Callable[..., str | None]:
-    """``supports`` of a CPU row of ``linear`` (``cpp``, ``onednn``): CPU tensors,
-    float32 or bfloat16, a non-empty weight."""
-    def supports(x, weight, bias, activation) -> str | None:
-        if x.device.type != "cpu":
-            return f"tensor on {x.device.type}, the {backend} backend is CPU-only"
-        if x.dtype not in _LINEAR_DTYPES:
-            return f"dtype {x.dtype}; the {backend} linear takes float32 and bfloat16"
-        if weight.shape[0] == 0 or weight.shape[1] == 0:
-            return f"empty weight {tuple(weight.shape)}"
-        return None
-    return supports
+    if op not in _TABLES:
+        raise ValueError(f"unknown op {op!r}; expected one of {sorted(_TABLES)}")
+    _TABLES[op][backend] = Row(impl, available, supports, device)
 
 
 def table(op: str) -> dict[str, Row]:
     return _TABLES[op]
 
 
-def available_backends(op: str) -> list[str]:
-    return [b for b, row in _TABLES[op].items() if row.available()]
+def _device_of(args) -> str | None:
+    t = args[0] if args else None
+    return t.device.type if isinstance(t, torch.Tensor) else None
+
+
+def why_not(row: Row, device_type: str | None, *args, **kwargs) -> str | None:
+    """Why ``row`` cannot run these inputs (on ``device_type``), or None."""
+    if not row.available():
+        return "not built"
+    dev = row.device                                    # (Row.device_type, inlined: a per-call cost)
+    if dev is not None and device_type is not None:
+        if callable(dev):
+            dev = dev()
+        if device_type != dev:
+            return f"tensor on {device_type}; this backend takes {dev} tensors here"
+    return row.supports(*args, **kwargs)
+
+
+def backends_for(op: str, *args, **kwargs) -> list[str]:
+    """The backends that would take these inputs of ``op`` (its arguments as its
+    reference takes them), in priority order: ``auto``'s order for the inputs' device,
+    the rows it leaves out, the reference last. With no inputs, every backend built
+    here (the rows of both devices first, in ``AUTO_ORDER``'s order)."""
+    rows = _TABLES[op]
+    dev = _device_of(args)
+    first = AUTO_ORDER.get(dev, ()) if dev is not None else tuple(b for o in AUTO_ORDER.values() for b in o)
+    order = [*first, *(b for b in rows if b not in first and b != "reference"), "reference"]
+    if not args and not kwargs:
+        return [b for b in order if b in rows and rows[b].available()]
+    return [b for b in order if b in rows and why_not(rows[b], dev, *args, **kwargs) is None]
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
     """``with flashcore.ops.use_backend("reference"): ...`` for every op inside."""
-    if name not in BACKENDS + ("auto",):
+    if name not in _NAMES:
         raise ValueError(f"use_backend: unknown backend {name!r}; expected one of {BACKENDS + ('auto',)}")
     stack = getattr(_local, "stack", None)
     if stack is None:
@@ -124,21 +128,17 @@ def _warn_once(op: str, backend: str, why: str) -> None:
 
 
 def resolve(op: str, device_type: str, explicit: str | None, *args, **kwargs) -> str:
-    """Name of the backend that will run ``op`` on these inputs."""
+    """Name of the backend that will run ``op`` on these inputs (on ``device_type``)."""
     rows = _TABLES[op]
     name = requested_backend(explicit)
     if name == "auto":
-        for cand in _AUTO_ORDER.get(device_type, ("reference",)):
+        for cand in AUTO_ORDER.get(device_type, ()):
             row = rows.get(cand)
-            if row is not None and row.available() and row.supports(*args, **kwargs) is None:
+            if row is not None and why_not(row, device_type, *args, **kwargs) is None:
                 return cand
         return "reference"
     row = rows.get(name)
-    if row is None or not row.available():
-        why = "not built" if row is not None else "no such kernel for this op"
-        _warn_once(op, name, why)
-        return "reference"
-    why = row.supports(*args, **kwargs)
+    why = "no such kernel for this op" if row is None else why_not(row, device_type, *args, **kwargs)
     if why is not None:
         _warn_once(op, name, why)
         return "reference"

@@ -15,21 +15,30 @@ Backward (Dao 2023, FlashAttention-2), recomputing P from lse:
 Kernels tile over K/V with an online softmax and never store S or P. The op
 returns O; ``attention_fwd`` also returns lse for the backward.
 
-Dtypes float16/bfloat16/float32/float64; any head dim. Backends: ``reference``
-(this file; the only one for float64 on a GPU), ``cpp`` (CPU), ``triton``
-(CUDA tensors; float16/bfloat16/float32, head dims up to 256, any strides) and
-``cuda`` (CUDA C++; float16/bfloat16/float32, head dims up to 128, v's head dim
-equal to q's, contiguous inputs). Inputs a backend does not take (dtype, head
-dim, layout, empty tensors) fall back to the reference with a one-time warning.
+Dtypes float16/bfloat16/float32/float64; any head dim. Backends (``ROWS``,
+``BWD_ROWS``): ``reference`` (this file; the only one for float64 on a GPU);
+``cpp`` (csrc/cpu/attention.cpp: CPU tensors, float32/bfloat16/float64, any head
+dim, any strides, at least one key and non-empty head dims); ``triton``
+(kernels/attention.py: CUDA tensors, float16/bfloat16/float32, head dims up to
+256, any strides, non-empty) and ``cuda`` (csrc/cuda/attention_*.cu:
+float16/bfloat16/float32, head dims up to 128, v's head dim equal to q's,
+non-empty contiguous inputs). Inputs a backend does not take fall back to the
+reference (with a one-time warning when it was asked for by name).
 """
 from __future__ import annotations
 
 import torch
 
-from . import _checks, _dispatch
+from . import _checks, _cuda, _dispatch, _native, _rows, _triton
+from ._rows import GPU_DTYPES, Row
+
+__all__ = ["attention", "attention_ref", "attention_bwd_ref"]
 
 OP = "attention"
 OP_BWD = "attention_bwd"
+CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+TRITON_MAX_HEAD_DIM = 256     # kernels/attention.py pads up to a power of two, at most 256
+CUDA_MAX_HEAD_DIM = 128       # FC_ATTN_MAX_HEAD_DIM in csrc/cuda/flashcore_cuda.h
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -58,8 +67,50 @@ def attention_bwd_ref(dout, q, k, v, out, lse, scale: float):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-_dispatch.register(OP, "reference", attention_ref)
-_dispatch.register(OP_BWD, "reference", attention_bwd_ref)
+def _cpp_takes(q, k, v, *rest):
+    why = _rows.dtypes(CPP_DTYPES, q)
+    if why is None and (k.shape[2] == 0 or q.shape[3] == 0 or v.shape[3] == 0):
+        why = "no keys or an empty head dim"
+    return why
+
+
+def _triton_takes(q, k, v, *rest):
+    return (_rows.dtypes(GPU_DTYPES, q, k, v) or _rows.nonempty(q, k, v)
+            or _rows.head_dims(TRITON_MAX_HEAD_DIM, q, v))
+
+
+def _cuda_takes(q, k, v, *rest):
+    return (_rows.dtypes(GPU_DTYPES, q, k, v) or _rows.nonempty(q, k, v) or _rows.dense(q, k, v)
+            or _rows.same_last_dim(q, v, "v head dim") or _rows.head_dims(CUDA_MAX_HEAD_DIM, q))
+
+
+# the backward's rows take what the forward's take, and dO and O as the GPU kernels do
+def _cpp_takes_bwd(dout, q, k, v, out, lse, scale):
+    return _cpp_takes(q, k, v)
+
+
+def _triton_takes_bwd(dout, q, k, v, out, lse, scale):
+    return _triton_takes(q, k, v) or _rows.dtypes(GPU_DTYPES, dout, out) or _rows.nonempty(dout, out)
+
+
+def _cuda_takes_bwd(dout, q, k, v, out, lse, scale):
+    return (_cuda_takes(q, k, v) or _rows.dtypes(GPU_DTYPES, dout, out) or _rows.nonempty(dout, out)
+            or _rows.dense(dout, out))
+
+
+# auto's order among them: _dispatch.AUTO_ORDER
+ROWS = _dispatch.declare(OP, {
+    "reference": Row(attention_ref),
+    "cpp": _native.row("attention_fwd", _cpp_takes),
+    "triton": _triton.row("attention", "attention_fwd", _triton_takes),
+    "cuda": _cuda.row("attention_fwd", _cuda_takes),
+})
+BWD_ROWS = _dispatch.declare(OP_BWD, {
+    "reference": Row(attention_bwd_ref),
+    "cpp": _native.row("attention_bwd", _cpp_takes_bwd),
+    "triton": _triton.row("attention", "attention_bwd", _triton_takes_bwd),
+    "cuda": _cuda.row("attention_bwd", _cuda_takes_bwd),
+})
 
 
 @torch.library.custom_op("flashcore::attention_fwd", mutates_args=())

@@ -20,20 +20,24 @@ post-op, saving a pass over the (..., N) output.
 
 Dtypes: x, W and b share one floating dtype and device. Under CPU/CUDA
 autocast the public function casts them to the autocast dtype first, as
-autocast does for ``F.linear``. Backends: ``reference`` (``linear_ref``, every
-dtype and device), ``cpp`` (``csrc/cpu/linear.cpp``: CPU tensors, float32 and
-bfloat16, K and N > 0; a GEMV of its own for M <= 4 rows (2 in bf16), where
-oneDNN's fixed cost per call dominates, oneDNN's inner product above) and
-``onednn`` (``_onednn.py``: the same tensors, oneDNN at every M, torch built
-with oneDNN). Other inputs (float64, float16, a GPU tensor) fall back to the
-reference, with a one-time warning if a backend was asked for by name.
+autocast does for ``F.linear``. Backends (``ROWS``): ``reference`` (``linear_ref``,
+every dtype and device), ``cpp`` (``csrc/cpu/linear.cpp``: CPU tensors, float32 and
+bfloat16, K and N > 0, any strides (a non-contiguous x, W or b is copied once); a
+GEMV of its own for M <= 4 rows (2 in bf16), where oneDNN's fixed cost per call
+dominates, oneDNN's inner product above) and ``onednn`` (``_onednn_linear`` below:
+the same tensors, oneDNN at every M, torch built with oneDNN). Other inputs
+(float64, float16, a GPU tensor) fall back to the reference, with a one-time
+warning if a backend was asked for by name.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from . import _checks, _dispatch, _native
+from . import _checks, _dispatch, _native, _onednn, _rows
+from ._rows import Row
+
+__all__ = ["linear", "linear_ref"]
 
 OP = "linear"
 ACTIVATIONS = ("none", "gelu", "gelu_tanh")
@@ -48,7 +52,45 @@ def linear_ref(x, weight, bias=None, activation: str = "none"):
     return z if approx is None else F.gelu(z, approximate=approx)       # 2.
 
 
-_dispatch.register(OP, "reference", linear_ref)
+# flashcore activation -> (oneDNN post-op attr, algorithm)
+_POST_OPS = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
+
+
+def _onednn_linear(x, weight, bias, activation):
+    """The ``onednn`` row: ``mkldnn._linear_pointwise(x, W, b, attr, scalars, algorithm)``,
+    the call inductor emits for linear layers with frozen weights, here on ordinary
+    (non-constant) weights, which inductor itself refuses to lower.
+
+    Any strides: x is flattened to (M, K) (a copy only when the view cannot be made) and
+    ``_linear_pointwise`` makes it contiguous itself; a weight or bias that is not
+    contiguous is copied first, because the call hands the bias's storage to oneDNN as
+    if it were dense (an expanded bias was read past its end, a stepped one gave wrong
+    sums) and its strided weight path is not a documented contract."""
+    attr, algorithm = _POST_OPS[activation]
+    if not weight.is_mkldnn and not weight.is_contiguous():
+        weight = weight.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    if x.dim() == 2:                                                     # the reshapes cost ~1 us a call
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
+    x2 = x.reshape(-1, x.shape[-1])                                      # (M, K)
+    y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, attr, [], algorithm)   # (M, N)
+    return y.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
+_CPU_DTYPES = (torch.float32, torch.bfloat16)        # oneDNN's inner product refuses float64/float16 here
+
+
+def _cpu_takes(x, weight, bias, activation):
+    return _rows.dtypes(_CPU_DTYPES, x) or _rows.nonempty(weight)
+
+
+# auto's order among them: _dispatch.AUTO_ORDER
+ROWS = _dispatch.declare(OP, {
+    "reference": Row(linear_ref),
+    "cpp": _native.row("linear", _cpu_takes),
+    "onednn": Row(_onednn_linear, _onednn.available, _cpu_takes, "cpu"),
+})
 
 
 # The op. Defined with torch.library.define + impl rather than @custom_op on purpose:
@@ -104,9 +146,14 @@ torch.library.register_autograd("flashcore::linear", _backward, setup_context=_s
 
 _linear_op = torch.ops.flashcore.linear.default
 
-# Called straight by ``linear`` when no autograd is needed; under torch.compile it needs a fake.
-_native_op = torch.ops.flashcore_C.linear.default if _native.has_kernel("linear") else None
-if _native_op is not None:
+# The row ``linear`` calls straight, without the op's Python layers (~17 us a call, the
+# price of a small GEMM; a DiT-S/2 step makes 112 calls), when it is asked for by name
+# and no autograd is needed. Its availability is asked once: a build does not change.
+_DIRECT_BACKEND = "cpp"
+_DIRECT = ROWS[_DIRECT_BACKEND] if ROWS[_DIRECT_BACKEND].available() else None
+_DIRECT_DEVICE = _DIRECT.device_type() if _DIRECT is not None else None
+if _DIRECT is not None:
+    # the direct call is traced under torch.compile: the native op needs a fake
     @torch.library.register_fake("flashcore_C::linear")
     def _(x, weight, bias, activation):
         return x.new_empty(x.shape[:-1] + (weight.shape[0],))
@@ -142,7 +189,7 @@ def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
     ``weight``: it is for frozen inference weights (the Engine packs only where it
     freezes anyway).
     """
-    if (_native_op is None or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    if (_DIRECT is None or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             or not torch.backends.mkldnn.is_available() or weight.device.type != "cpu"
             or weight.dtype not in GEMV_ROWS or weight.dim() != 2 or min(weight.shape) == 0):
         return None
@@ -197,11 +244,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None and bias.shape[0] != n:
         raise ValueError(f"{OP}: bias has {bias.shape[0]} elements but weight {tuple(weight.shape)} "
                          f"has N = {n} outputs")
-    if (backend == "cpp" and _native_op is not None
+    if (backend == _DIRECT_BACKEND and _DIRECT is not None
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))
-            and _native.linear_supports(x, weight, bias, activation) is None):
+            and x.device.type == _DIRECT_DEVICE and _DIRECT.supports(x, weight, bias, activation) is None):
         if packed is not None and x.numel() > GEMV_ROWS[x.dtype] * k:
             weight = packed
-        return _dispatch.run(OP, "cpp", x, weight, bias, activation)       # the row: the native op, no wrapper
+        return _DIRECT.impl(x, weight, bias, activation)                 # the row: the native op, no wrapper
     return _linear_op(x, weight, bias, activation, backend or "")

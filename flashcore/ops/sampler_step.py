@@ -24,20 +24,24 @@ no two elements at one address (an expanded view is refused), and share no
 memory with the inputs or each other; out= does not record autograd. Backends with an
 in-place kernel (``cpp``) write directly; the others compute and copy.
 
-Backends: ``reference`` (this file), then rows registered by the native
-(``cpp``), Triton (``triton``) and CUDA C++ (``cuda``) modules. The op accepts
-float16/bfloat16/float32/float64 tensors of one shape, dtype and device;
-arithmetic is done in float32 (float64 for float64 inputs). The GPU kernels
-take float16/bfloat16/float32 and contiguous tensors. A backend that does not
-take the inputs (float64 on a GPU kernel, a non-contiguous tensor for a kernel
-that reads flat memory, an empty tensor) falls back to the reference with a
-one-time warning.
+Backends (``ROWS``; ``OUT_ROWS`` for out=): ``reference`` (this file); ``cpp``
+(csrc/cpu/sampler_step.cpp: CPU tensors, every dtype, any layout; inputs that do
+not share one dense layout are copied once inside the kernel; out= buffers of any
+strides, written in place); ``triton`` (kernels/sampler_step.py) and ``cuda``
+(csrc/cuda/sampler_step.cu): CUDA tensors, float16/bfloat16/float32, non-empty and
+contiguous. The op accepts float16/bfloat16/float32/float64 tensors of one shape,
+dtype and device; arithmetic is done in float32 (float64 for float64 inputs). A
+backend that does not take the inputs falls back to the reference (with a
+one-time warning when it was asked for by name).
 """
 from __future__ import annotations
 
 import torch
 
-from . import _checks, _dispatch
+from . import _checks, _cuda, _dispatch, _native, _rows, _triton
+from ._rows import Row
+
+__all__ = ["sampler_step", "sampler_step_ref"]
 
 OP = "sampler_step"
 OP_OUT = "sampler_step_out"   # rows: kernels that write into caller-owned (x_s, x0)
@@ -67,8 +71,23 @@ def _sampler_step_out_ref(x_t, eps_c, eps_u, x_T, a_t, s_t, a_s, s_s, guidance, 
     x0.copy_(res[1])
 
 
-_dispatch.register(OP, "reference", sampler_step_ref)
-_dispatch.register(OP_OUT, "reference", _sampler_step_out_ref)
+def _gpu_takes(x_t, eps_c, eps_u, x_T, *scalars):
+    return _rows.gpu_elementwise(x_t, eps_c, eps_u, x_T)
+
+
+# auto's order among them: _dispatch.AUTO_ORDER
+ROWS = _dispatch.declare(OP, {
+    "reference": Row(sampler_step_ref),
+    "cpp": _native.row("sampler_step", _rows.anything),
+    "triton": _triton.row("sampler_step", "sampler_step_fwd", _gpu_takes),
+    "cuda": _cuda.row("sampler_step", _gpu_takes),
+})
+# the out= forms: the row of the backend ``ROWS`` resolves to, where it has one (else it
+# computes and the result is copied); taking the same inputs as that backend's row
+OUT_ROWS = _dispatch.declare(OP_OUT, {
+    "reference": Row(_sampler_step_out_ref),
+    "cpp": _native.row("sampler_step_out", _rows.anything),
+})
 
 
 @torch.library.custom_op("flashcore::sampler_step", mutates_args=())
@@ -166,7 +185,7 @@ def _sampler_step_out_impl(x_t, eps_c, eps_u, x_T, a_t, s_t, a_s, s_s, guidance,
         raise ValueError(f"{OP}: out[0] (x_next) and out[1] (x0) share memory; pass two separate buffers")
     # the backend the allocating op would use; written in place when it has an out= kernel
     name = _dispatch.resolve(OP, x_t.device.type, backend or None, *args)
-    row = _dispatch.table(OP_OUT).get(name)
+    row = OUT_ROWS.get(name)
     if row is not None and row.available():
         row.impl(*args, x_next, x0)
     else:

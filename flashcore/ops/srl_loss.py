@@ -18,17 +18,22 @@ they do not, so only the student is trained.
 tau: ``chi = a_tau x0_S + s_tau eps'`` (one pass, output in the input dtype).
 
 Dtypes: float16/bfloat16/float32/float64; accumulation in float32 (float64).
-Backends: ``reference`` (this file), ``cpp`` (CPU), ``triton`` and ``cuda``
-(CUDA tensors; float16/bfloat16/float32, contiguous). Inputs a backend does not
-take (float64 on a GPU kernel, non-contiguous or empty tensors) fall back to
-the reference with a one-time warning.
+Backends (``ROWS``, ``RENOISE_ROWS``): ``reference`` (this file); ``cpp``
+(csrc/cpu/srl_loss.cpp, srl_renoise.cpp: CPU tensors, every dtype, any layout);
+``triton`` (kernels/srl_loss.py) and ``cuda`` (csrc/cuda/srl_loss.cu): CUDA
+tensors, float16/bfloat16/float32, non-empty and contiguous. Inputs a backend
+does not take fall back to the reference (with a one-time warning when that
+backend was asked for by name).
 """
 from __future__ import annotations
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from . import _checks, _dispatch
+from . import _checks, _cuda, _dispatch, _native, _rows, _triton
+from ._rows import Row
+
+__all__ = ["srl_loss", "srl_loss_ref", "srl_renoise", "srl_renoise_ref"]
 
 OP = "srl_loss"
 OP_RENOISE = "srl_renoise"
@@ -49,8 +54,27 @@ def srl_renoise_ref(x0, noise, a: float, s: float):
     return (a * x0.to(acc) + s * noise.to(acc)).to(x0.dtype)
 
 
-_dispatch.register(OP, "reference", srl_loss_ref)
-_dispatch.register(OP_RENOISE, "reference", srl_renoise_ref)
+def _gpu_takes(x_t, eps_s, x0_target, a_t, s_t):
+    return _rows.gpu_elementwise(x_t, eps_s, x0_target)
+
+
+def _gpu_takes_renoise(x0, noise, a, s):
+    return _rows.gpu_elementwise(x0, noise)
+
+
+# auto's order among them: _dispatch.AUTO_ORDER
+ROWS = _dispatch.declare(OP, {
+    "reference": Row(srl_loss_ref),
+    "cpp": _native.row("srl_loss", _rows.anything),
+    "triton": _triton.row("srl_loss", "srl_loss_fwd", _gpu_takes),
+    "cuda": _cuda.row("srl_loss", _gpu_takes),
+})
+RENOISE_ROWS = _dispatch.declare(OP_RENOISE, {
+    "reference": Row(srl_renoise_ref),
+    "cpp": _native.row("srl_renoise", _rows.anything),
+    "triton": _triton.row("srl_loss", "srl_renoise_fwd", _gpu_takes_renoise),
+    "cuda": _cuda.row("srl_renoise", _gpu_takes_renoise),
+})
 
 
 @torch.library.custom_op("flashcore::srl_loss", mutates_args=())
