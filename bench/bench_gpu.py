@@ -117,11 +117,8 @@ def _importable(mod: str) -> bool:
 
 def backend_reason(op: str, backend: str, device: str) -> str | None:
     """Why a flashcore backend will not run this op here, or None."""
-    from flashcore.ops import _dispatch
-    row = _dispatch.table(op).get(backend)
-    if row is None:
-        return f"no {backend} row for {op}"
-    if device != "cuda" or not row.available():
+    from flashcore.ops import backends_for
+    if device != "cuda" or backend not in backends_for(op):
         return f"{backend} backend not available (needs a GPU and the built kernels)"
     return None
 

@@ -362,15 +362,9 @@ def flashcore_backends(op: str, *args) -> list[str]:
     then runs in its interpreter (TRITON_INTERPRET=1, for tests, ~1000x slower),
     which is not a kernel worth timing.
     """
-    from flashcore.ops import _dispatch
+    from flashcore.ops import backends_for
     cpu = isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu"
-    out = []
-    for b, row in _dispatch.table(op).items():
-        if b == "reference" or (cpu and b in ("triton", "cuda")):
-            continue
-        if row.available() and row.supports(*args) is None:
-            out.append(b)
-    return out
+    return [b for b in backends_for(op, *args) if b != "reference" and not (cpu and b in ("triton", "cuda"))]
 
 
 def compile_fresh(fn: Callable, **kw) -> Callable:
