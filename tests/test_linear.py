@@ -14,7 +14,7 @@ from torch import nn
 from flashcore import testing
 from flashcore.engine import FlashcoreGELU, FlashcoreLinear, flashcore_linear_copy, use_flashcore_linear
 from flashcore.models import Denoiser
-from flashcore.ops import _dispatch, use_backend
+from flashcore.ops import _dispatch, backends_for, use_backend
 from flashcore.ops.linear import _linear_op, linear, linear_ref
 
 from _fixtures import TINY_DIT, TINY_UNET
@@ -164,6 +164,37 @@ def test_dispatch(monkeypatch):
     with use_backend(fast):
         linear(x, w, b)
         assert calls[-1] == fast
+
+
+def test_backends_for_lists_the_rows_that_take_the_inputs_in_priority_order():
+    """The public question "which backends would run these inputs": auto's order for the
+    inputs' device, the reference last; rows that decline the dtype or the device left out."""
+    x, w, b = _inputs((3, 40), 8, torch.float32)
+    built = backends_for(OP)
+    fast = [name for name in ("cpp", "onednn") if name in built]
+    assert built == fast + ["reference"]
+    assert backends_for(OP, x, w, b, "none") == fast + ["reference"]
+    assert backends_for(OP, x.double(), w.double(), b.double(), "none") == ["reference"]
+    assert backends_for(OP, *(t.to("meta") for t in (x, w, b)), "none") == ["reference"]
+
+
+def test_a_backend_asked_for_on_another_device_falls_back_once(monkeypatch):
+    """The cpp row takes CPU tensors: asked for by name on another device the reference
+    runs, with one warning. The direct path checks the same row: meta tensors go to the
+    op (whose fake answers them) instead of reaching the native kernel."""
+    if "cpp" not in testing.cpu_backends(OP):
+        pytest.skip("the native extension is not built")
+    x, w, b = (t.to("meta") for t in _inputs((3, 40), 8, torch.float32))
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="'cpp' not used .*takes cpu tensors"):
+        assert _dispatch.resolve(OP, "meta", "cpp", x, w, b, "none") == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _dispatch.resolve(OP, "meta", "cpp", x, w, b, "none") == "reference"
+    calls = testing.spy_backends(monkeypatch, OP)
+    with torch.no_grad():
+        out = linear(x, w, b, backend="cpp")
+    assert calls == [] and out.device.type == "meta" and out.shape == (3, 8)
 
 
 def _require_native():
