@@ -37,19 +37,21 @@ def test_measure_orders_its_quantiles():
     assert 0 < t.p20_ms <= t.p50_ms <= t.p80_ms and t.samples == 7 and t.inner >= 1
 
 
-def test_measure_interleaved_rotates_blocks_and_times_each_provider():
+def test_measure_interleaved_rotates_blocks_and_times_each_provider(monkeypatch):
     """Blocks of calls per provider in rotating order (a warm-up call opening each
-    block), every provider's own durations: a 4 ms sleep reads about twice a 2 ms one."""
-    import time
-    log = []
+    block), every provider's own durations. The providers advance a fake clock (2 and
+    4 ms a call), so the durations are exact whatever else runs on the machine."""
+    clock, log = [0.0], []
+    monkeypatch.setattr(B.time, "perf_counter", lambda: clock[0])
 
-    def sleeper(name, secs):
-        return lambda: (log.append(name), time.sleep(secs))
+    def worker(name, secs):
+        return lambda: (log.append(name), clock.__setitem__(0, clock[0] + secs))
 
-    got = B.measure_interleaved({"a": sleeper("a", 0.002), "b": sleeper("b", 0.004)}, rounds=3, per_round=3,
+    got = B.measure_interleaved({"a": worker("a", 0.002), "b": worker("b", 0.004)}, rounds=3, per_round=3,
                                 seconds_per_provider=10.0, warmup=1, pause=0.0)
     assert got["a"].samples == got["b"].samples == 9
-    assert 0.002 * 1e3 <= got["a"].p50_ms < got["b"].p50_ms and 1.5 < got["b"].p50_ms / got["a"].p50_ms < 2.5
+    assert got["a"].p20_ms == pytest.approx(2.0) and got["a"].p80_ms == pytest.approx(2.0)
+    assert got["b"].p50_ms == pytest.approx(4.0)
     body = log[4:]                                    # after warm-up + the one-call probe of each
     blocks = [body[i][0] for i in range(0, len(body), 4)]
     assert blocks == ["a", "b", "b", "a", "a", "b"]  # round r starts at provider r mod 2
