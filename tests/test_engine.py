@@ -320,6 +320,7 @@ def test_engine_mode_auto_follows_the_device():
     assert EngineConfig(steps=2).resolve(fake("cpu"), sch).mode is None
     gpu = EngineConfig(steps=2).resolve(fake("cuda"), sch)
     assert gpu.mode == "reduce-overhead" and gpu.cuda_graphs
+    assert (gpu.linear, gpu.linear_backend, gpu.freeze) == (False, None, False)     # the linear rows are CPU kernels
     assert EngineConfig(steps=2, compile=False).resolve(fake("cuda"), sch).mode is None
     assert EngineConfig(steps=2, mode="max-autotune").resolve(fake("cuda"), sch).mode == "max-autotune"
     assert EngineConfig(steps=2, dtype=torch.float16).resolve(fake("cuda"), sch).autocast == torch.float16

@@ -62,8 +62,9 @@ class EngineConfig:
         except ValueError as e:
             raise ValueError(f"engine: {e}") from None
         compiled = bool(self.compile)
-        # the linear row: the native kernel (GEMV at small M, oneDNN above) where built, else oneDNN alone
-        built = ops.backends_for("linear")
+        # the linear row: the native kernel (GEMV at small M, oneDNN above) where built, else oneDNN alone;
+        # both are CPU kernels, so a CUDA model keeps nn.Linear (cuBLAS)
+        built = ops.backends_for("linear") if device.type == "cpu" else []
         linear_backend = next((b for b in ("cpp", "onednn") if b in built), None)
         # auto: compiled float32 only, so the eager engine stays bit-equal to sampler.sample
         # (oneDNN sums in another order) and bf16 keeps inductor's own packing of frozen weights
