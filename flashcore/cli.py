@@ -453,6 +453,45 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def _add_disback(sub):
+    from flashcore.train.disback import DisBackConfig
+    p = _command(sub, "disback", "DisBack: record a degradation path from the teacher to the untrained "
+                                 "generator, then distil a 1-4 step student back along it to the teacher "
+                                 "(docs/disback.md; under torchrun: DDP over the processes)")
+    p.add_argument("--config", default=None,
+                   help="a JSON or YAML file of DisBackConfig fields; flags given as well override it")
+    p.add_argument("--out", required=True, type=out_dir, help="run directory (path/, state/, student/, logs)")
+    config_flags(p, DisBackConfig, "disback", "DISBACK_RANGES")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out exactly, in either stage (only --iters may differ)")
+    _add_device_flag(p)
+    return p
+
+
+def cmd_disback(a) -> int:
+    from flashcore.train import common
+    from flashcore.train.disback import DisBackConfig, disback
+    if a.resume and common.has_state(a.out):
+        saved = common.saved_config(a.out)
+        given = {k: v for k, v in given_config(a, DisBackConfig).items() if k != "iters"}
+        if a.config:
+            given.update({k: ("--config " + a.config, v)
+                          for k, v in read_config_file(a.config, DisBackConfig).items() if k != "iters"})
+        check_resume(a.out, saved, given, "disback")
+        cfg = build_config(lambda: DisBackConfig(**{**saved, **({"iters": a.iters} if a.iters else {})}))
+    else:        # defaults < --config FILE < flags
+        base = {"teacher": DEFAULT_TEACHER, "classifier": DEFAULT_CLASSIFIER}
+        if a.config:
+            base.update(read_config_file(a.config, DisBackConfig))
+        base.update({k: v for k, (_, v) in given_config(a, DisBackConfig).items()})
+        cfg = build_config(lambda: DisBackConfig(**base))
+        distill_memory(cfg, cfg.val_samples if cfg.val_every else None)
+    _print_config(cfg)
+    out = disback(cfg, a.out, resume=a.resume, device=_device(a))
+    print(f"student saved to {out}")
+    return 0
+
+
 COMMANDS = {
     "train-teacher": (_add_train_teacher, cmd_train_teacher),
     "train-classifier": (_add_train_classifier, cmd_train_classifier),
@@ -462,6 +501,7 @@ COMMANDS = {
     "distill": (_add_distill, cmd_distill),
     "ablate": (_add_ablate, cmd_ablate),
     "bench": (_add_bench, cmd_bench),
+    "disback": (_add_disback, cmd_disback),
 }
 
 

@@ -176,3 +176,23 @@ def test_bad_configs(teacher):
         DisBackConfig(teacher=teacher, fake_updates=0)
     with pytest.raises(ValueError, match="beyond the teacher's last timestep"):
         DisBackTrainer(cfg_for(teacher, t_max=1000), "unused")
+
+
+def test_cli_end_to_end(teacher, tmp_path, capsys):
+    from flashcore import cli
+    run, conf = str(tmp_path / "run"), tmp_path / "c.json"
+    conf.write_text(json.dumps({"bf16": False, "sample_every_checkpoint": False}))     # fields without flags
+    args = ["disback", "--teacher", teacher, "--out", run, "--iters", "2", "--path-checkpoints", "1",
+            "--path-every", "1", "--fake-updates", "1", "--batch-size", "4", "--val-every", "0",
+            "--config", str(conf), "--device", "cpu"]
+    assert cli.main(args) == 0
+    model, meta = load_pretrained(os.path.join(run, "student"), kinds=("student",))
+    assert (meta["steps"], meta["method"], meta["train_iters"]) == (1, "disback", 2)
+    assert isinstance(model, Denoiser)
+    assert json.load(open(os.path.join(run, "config.json")))["fake_updates"] == 1
+    assert "student saved to" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:                    # usage errors: exit 2 before anything runs
+        cli.main(["disback", "--teacher", teacher, "--out", str(tmp_path / "x"), "--switch-rule", "often"])
+    assert e.value.code == 2
+    assert cli.main(["disback", "--teacher", teacher, "--out", run, "--lr", "1e-3", "--resume"]) == 1
+    assert "was started with --lr" in capsys.readouterr().err

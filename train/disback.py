@@ -49,8 +49,9 @@ from flashcore.devices import autocast, resolve_device
 from flashcore.models import load_pretrained
 from flashcore.plan import StepPlan
 from flashcore.schedule import NoiseSchedule, ScheduleConfig
-from flashcore.validation import (COUNT, DECAY, LR, MAX_TIMESTEPS, PROBABILITY, SEED, Range, check_bool,
-                                  check_choice, check_fields, check_str)
+from flashcore.checkpoint import write_json
+from flashcore.validation import (COUNT, DECAY, LR, MAX_TIMESTEPS, SEED, Range, check_bool, check_choice,
+                                  check_fields, check_str, option)
 
 from . import common
 from .disback_path import (SWITCH_RULES, RawNet, dsm_loss, load_path_weights, save_path_checkpoint,
@@ -63,29 +64,38 @@ GRAD_CLIP = 10.0     # max gradient norm of every update (DMD2's and the release
 
 @dataclass
 class DisBackConfig:
-    teacher: str = "checkpoints/mnist-teacher"
-    steps: int = 1                    # the generator's sampling steps (the paper: 1)
-    iters: int = 2000                 # generator updates in stage 2
-    batch_size: int = 64
-    lr: float = 2e-5                  # generator
-    ema_decay: float = 0.99
-    guidance: float | None = None     # CFG of the real score model; None: the teacher's saved scale
-    t_min: int = 20                   # score-matching times t ~ U{t_min..t_max}
-    t_max: int = 980
-    path_checkpoints: int = 5         # N: s_1 .. s_N
-    path_every: int = 200             # degradation iterations between path checkpoints
-    path_lr: float = 1e-4
-    label_drop: float = 0.1           # null-label share while degrading
-    fake_lr: float = 1e-4
-    fake_updates: int = 5             # fake-model updates per generator update
-    switch_rule: str = "fixed"        # disback_path.target_index
-    switch_every: int = 200           # backtracking iterations per path checkpoint
-    noise_correction: bool = True
-    checkpoint_every: int = 250
-    val_every: int = 100              # validation FD every N iterations (0: off); `student` = the best one
-    val_samples: int = 500
-    classifier: str = "checkpoints/mnist-classifier"
-    seed: int = 0
+    """Every knob of a DisBack run; the ``flashcore disback`` flags are derived from the
+    ``option`` metadata here (flag and help), defaults and ranges included."""
+    teacher: str = option("checkpoints/mnist-teacher", "--teacher",
+                          "teacher checkpoint directory (with --resume: the run's)")
+    steps: int = option(1, "--steps", "the generator's sampling steps (a trailing grid of 1-4; the paper: 1)")
+    iters: int = option(2000, "--iters", "generator updates in stage 2 (with --resume: the run's new end)")
+    batch_size: int = option(64, "--batch-size", "images per update, split over the processes under torchrun")
+    lr: float = option(2e-5, "--lr", "AdamW learning rate of the generator")
+    ema_decay: float = option(0.99, "--ema", "EMA decay of the exported student")
+    guidance: float | None = option(None, "--cfg", "CFG scale of the real score model "
+                                                   "(default: the teacher's saved scale)")
+    t_min: int = option(20, "--t-min", "score matching at times t ~ U{t-min..t-max}")
+    t_max: int = option(980, "--t-max", "score matching at times t ~ U{t-min..t-max}")
+    path_checkpoints: int = option(5, "--path-checkpoints", "N: degradation checkpoints s_1..s_N")
+    path_every: int = option(200, "--path-every", "degradation iterations between path checkpoints")
+    path_lr: float = option(1e-4, "--path-lr", "AdamW learning rate of the degrading model")
+    label_drop: float = option(0.1, "--label-drop", "null-label share while degrading (keeps CFG meaningful)")
+    fake_lr: float = option(1e-4, "--fake-lr", "AdamW learning rate of the fake score model")
+    fake_updates: int = option(5, "--fake-updates", "fake-model updates per generator update")
+    switch_rule: str = option("fixed", "--switch-rule", "fixed: the next checkpoint every --switch-every "
+                                                        "updates; released: the authors' code's rule")
+    switch_every: int = option(200, "--switch-every", "generator updates per path checkpoint")
+    noise_correction: bool = option(True, switch="--no-noise-correction",
+                                    help="without noise correction at t = T (multi-step generators)")
+    checkpoint_every: int = option(250, "--checkpoint-every",
+                                   "save a checkpoint (and a sample grid) every N generator updates")
+    val_every: int = option(100, "--val-every", "validation FD every N updates; student/ is the best "
+                                                "(0: off, student/ is the last)")
+    val_samples: int = option(500, "--val-samples", "samples per validation FD")
+    classifier: str = option("checkpoints/mnist-classifier", "--classifier",
+                             "feature network for the validation FD (the train split only)")
+    seed: int = option(0, "--seed", "seed of the run's random draws")
     bf16: bool = True
     sample_every_checkpoint: bool = True
 
@@ -305,6 +315,8 @@ def _disback(cfg: DisBackConfig, run_dir: str, rank: int, world: int, resume: bo
     if world > 1:
         tdist.barrier()          # every rank has checked run_dir before rank 0 writes to it
     tr = DisBackTrainer(cfg, run_dir, rank, world, device)
+    if lead:       # the resolved config beside the checkpoints: `flashcore disback --config RUN/config.json`
+        write_json(os.path.join(run_dir, "config.json"), dataclasses.asdict(cfg))
     if resume:
         it = common.load_state(run_dir, tr.modules(stage), tr.optimizers(stage), tr.generators(),
                                "DisBackConfig")["step"]
