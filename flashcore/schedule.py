@@ -22,24 +22,44 @@ SCHEDULES = ("linear", "scaled_linear", "cosine")
 A_FLOOR = 1e-3
 
 
+# (beta_start, beta_end) when a config leaves them unset; the cosine schedule has no range
+BETA_RANGE = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}
+
+
+def beta_range(kind: str, beta_start: float | None = None, beta_end: float | None = None) -> tuple[float, float]:
+    """The (beta_start, beta_end) a linear or scaled-linear schedule uses: the given ones, else its defaults."""
+    b0, b1 = BETA_RANGE.get(kind, BETA_RANGE["linear"])
+    return (b0 if beta_start is None else float(beta_start)), (b1 if beta_end is None else float(beta_end))
+
+
 def make_betas(kind: str, num_train_timesteps: int = 1000, beta_start: float | None = None,
-               beta_end: float | None = None) -> torch.Tensor:
-    """Betas in float64 for the named schedule."""
+               beta_end: float | None = None, trained_betas=()) -> torch.Tensor:
+    """Betas in float64 for the named schedule, or ``trained_betas`` as given (then ``kind``
+    and the range are unused, as in diffusers' schedulers)."""
     n = num_train_timesteps
+    if kind not in SCHEDULES:
+        raise ValueError(f"schedule: unknown kind {kind!r}; expected one of {SCHEDULES}")
+    if trained_betas is not None and len(trained_betas):
+        b = torch.as_tensor(list(trained_betas), dtype=torch.float64)
+        if b.ndim != 1 or len(b) != n:
+            raise ValueError(f"schedule: trained_betas must hold num_train_timesteps = {n} values, got {len(b)}")
+        # beta = 1 only where a zero-terminal-SNR rescale put it (a_T = 0); beyond (0, 1] no variance is preserved
+        if not bool(torch.isfinite(b).all()) or not bool(((b > 0) & (b <= 1)).all()):
+            raise ValueError("schedule: trained_betas must be finite values in (0, 1]")
+        return b
+    b0, b1 = beta_range(kind, beta_start, beta_end)
     if kind == "linear":
         # DDPM (Ho et al. 2020)
-        return torch.linspace(beta_start or 1e-4, beta_end or 0.02, n, dtype=torch.float64)
+        return torch.linspace(b0, b1, n, dtype=torch.float64)
     if kind == "scaled_linear":
         # Stable Diffusion / Emu family: linear in sqrt(beta)
-        b0, b1 = beta_start or 0.00085, beta_end or 0.012
         return torch.linspace(math.sqrt(b0), math.sqrt(b1), n, dtype=torch.float64) ** 2
-    if kind == "cosine":
-        # Nichol & Dhariwal 2021, squaredcos_cap_v2
-        def abar(u: float) -> float:
-            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
-        return torch.tensor([min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)],
-                            dtype=torch.float64)
-    raise ValueError(f"schedule: unknown kind {kind!r}; expected one of {SCHEDULES}")
+
+    # cosine: Nichol & Dhariwal 2021 (diffusers' squaredcos_cap_v2)
+    def abar(u: float) -> float:
+        return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+    return torch.tensor([min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)],
+                        dtype=torch.float64)
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
@@ -60,6 +80,12 @@ class ScheduleConfig:
     zero_terminal_snr: bool = False
     beta_start: float | None = None
     beta_end: float | None = None
+    # a schedule given as its betas (a diffusers config's trained_betas); empty: made from ``kind``
+    trained_betas: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        # a JSON list stays hashable and equal to the tuple it stands for
+        object.__setattr__(self, "trained_betas", tuple(self.trained_betas or ()))
 
 
 class NoiseSchedule:
@@ -71,7 +97,7 @@ class NoiseSchedule:
         if cfg.num_train_timesteps < 2:
             raise ValueError("schedule: num_train_timesteps must be at least 2")
         self.cfg = cfg
-        betas = make_betas(cfg.kind, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)
+        betas = make_betas(cfg.kind, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.trained_betas)
         if cfg.zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
         self.betas = betas

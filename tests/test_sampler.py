@@ -1,5 +1,5 @@
 """The few-step sampler: an analytic Gaussian case, noise correction, and the
-diffusers-scheduler path."""
+diffusers-scheduler path (the scheduler against diffusers' own: test_scheduler.py)."""
 import pytest
 import torch
 
@@ -86,27 +86,3 @@ def test_diffusers_scheduler_loop_equals_flashcore_sampler(tiny_denoiser, nc):
             eps_c, eps_u = model(x, tt, labels), model(x, tt, torch.full_like(labels, model.null_label))
             x = sc.step(eps_u + 2.5 * (eps_c - eps_u), t, x).prev_sample
     torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5)
-
-
-def test_first_step_matches_diffusers_ddim_trailing():
-    from diffusers import DDIMScheduler
-    ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                         timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False)
-    ddim.set_timesteps(3)
-    ours = FlashcoreScheduler(noise_correction=False)
-    ours.set_timesteps(3)
-    assert ddim.timesteps[0].item() == ours.timesteps[0].item() == 999
-    x, eps = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
-    a = ddim.step(eps, 999, x, eta=0.0)
-    b = ours.step(eps, 999, x)
-    torch.testing.assert_close(b.pred_original_sample, a.pred_original_sample, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(b.prev_sample, a.prev_sample, rtol=1e-5, atol=1e-5)
-
-
-def test_scheduler_rejects_off_grid_and_unset():
-    sc = FlashcoreScheduler()
-    with pytest.raises(ValueError, match="set_timesteps"):
-        sc.step(torch.zeros(1), 999, torch.zeros(1))
-    sc.set_timesteps(2)
-    with pytest.raises(ValueError, match="not on the grid"):
-        sc.step(torch.zeros(1), 500, torch.zeros(1))
