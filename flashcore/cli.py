@@ -1,4 +1,5 @@
-"""``flashcore`` command line: train-teacher, train-classifier, eval, generate, demo, distill, ablate, bench.
+"""``flashcore`` command line: train-teacher, train-classifier, eval, generate, demo, distill, ablate, bench,
+export-pipeline.
 
 Exit codes:
 
@@ -453,6 +454,26 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def _add_export_pipeline(sub):
+    p = _command(sub, "export-pipeline", "write a teacher or student (either layout) as a diffusers pipeline "
+                                         "folder: DiffusionPipeline.from_pretrained loads it (docs/diffusers.md)")
+    p.add_argument("--model", required=True, help="teacher or student checkpoint directory")
+    p.add_argument("--out", required=True, type=out_dir, help="the pipeline folder to write (replaced whole)")
+    return p
+
+
+def cmd_export_pipeline(a) -> int:
+    from flashcore.models import load_pretrained, save_pretrained
+    if os.path.isdir(a.out) and os.listdir(a.out) and not os.path.exists(os.path.join(a.out, "config.json")):
+        # the folder is replaced whole: never one that is not a checkpoint
+        raise UsageError(f"--out: {a.out!r} is a folder with other files in it, not a checkpoint; "
+                         "name a new folder")
+    model, meta = load_pretrained(a.model)
+    save_pretrained(model, a.out, meta)
+    print(f"{meta['kind']} pipeline ({model.cfg.arch}, {model.cfg.prediction_type}) -> {a.out}")
+    return 0
+
+
 def _add_disback(sub):
     from flashcore.train.disback import DisBackConfig
     p = _command(sub, "disback", "DisBack: record a degradation path from the teacher to the untrained "
@@ -501,6 +522,7 @@ COMMANDS = {
     "distill": (_add_distill, cmd_distill),
     "ablate": (_add_ablate, cmd_ablate),
     "bench": (_add_bench, cmd_bench),
+    "export-pipeline": (_add_export_pipeline, cmd_export_pipeline),
     "disback": (_add_disback, cmd_disback),
 }
 

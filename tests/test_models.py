@@ -71,7 +71,7 @@ def test_bad_checkpoints(tmp_path):
     save_pretrained(Denoiser(TINY_UNET), str(tmp_path / "m"), {"kind": "teacher", "schedule": {}})
     with pytest.raises(CheckpointError, match="expected one of"):
         load_pretrained(str(tmp_path / "m"), kinds=("student",))
-    weights = tmp_path / "m" / "model" / "diffusion_pytorch_model.safetensors"
+    weights = tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="cannot load"):
         load_pretrained(str(tmp_path / "m"))

@@ -297,7 +297,7 @@ def saved_model(tmp_path):
 
 
 def _rewrite_weights(path, change):
-    f = str(path / "model" / "diffusion_pytorch_model.safetensors")
+    f = str(path / "unet" / "diffusion_pytorch_model.safetensors")
     w = load_file(f)
     change(w)
     save_file(w, f)

@@ -37,7 +37,7 @@ def test_resume_continues_bit_for_bit(tmp_path):
         assert torch.equal(wa[k], wb[k]), k
     assert open(os.path.join(a, "loss.csv")).read().count("\n") == open(os.path.join(b, "loss.csv")).read().count("\n")
     assert os.path.exists(os.path.join(b, "samples", "step_000004.png"))
-    assert os.path.exists(os.path.join(b, "teacher", "model", "diffusion_pytorch_model.safetensors"))
+    assert os.path.exists(os.path.join(b, "teacher", "unet", "diffusion_pytorch_model.safetensors"))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):

@@ -145,20 +145,38 @@ class Denoiser(nn.Module):
         return torch.where(keep, labels, torch.full_like(labels, self.null_label))
 
 
+def _scheduler_kwargs(cfg: ModelConfig, meta: dict) -> dict:
+    """The FlashcoreScheduler config that samples as flashcore does with ``meta``."""
+    from ..scheduler import scheduler_config
+    from ..schedule import ScheduleConfig
+    return scheduler_config(ScheduleConfig(**(meta.get("schedule") or {})), cfg.prediction_type,
+                            steps=meta.get("steps"), grid=meta.get("grid"),
+                            noise_correction=meta.get("noise_correction", True))
+
+
 def save_pretrained(model: Denoiser, path: str, meta: dict, dtype: torch.dtype = torch.float32) -> None:
-    """``path/model`` (diffusers, safetensors) plus ``path/config.json`` (flashcore),
-    written as one unit: ``path`` is replaced whole, never left half-written."""
+    """A diffusers pipeline folder (``flashcore.pipeline``: model_index.json,
+    scheduler/, unet/ or transformer/ in safetensors) plus ``path/config.json``
+    (flashcore's), written as one unit: ``path`` is replaced whole, never left
+    half-written. The scheduler carries ``meta``'s schedule and a student's
+    steps, grid and noise correction; the pipeline its guidance scale."""
+    from ..pipeline import NETWORK_COMPONENT, FlashcorePipeline
+    from ..scheduler import FlashcoreScheduler
     net = model.net
     if dtype != torch.float32:
         import copy
         net = copy.deepcopy(net).to(dtype)
+    scheduler = FlashcoreScheduler(**_scheduler_kwargs(model.cfg, meta))
+    pipe = FlashcorePipeline(scheduler=scheduler, guidance_scale=float(meta.get("guidance") or 1.0),
+                             **{NETWORK_COMPONENT[model.cfg.arch]: net})
 
     def write(d: str) -> None:
-        net.save_pretrained(os.path.join(d, "model"), safe_serialization=True)
+        pipe.save_pretrained(d, safe_serialization=True)
         write_json(os.path.join(d, "config.json"), {**meta, "model": asdict(model.cfg)})
     write_dir(path, write)
 
 
+# the layout before pipeline folders: the network in model/ (the shipped checkpoints)
 WEIGHTS = os.path.join("model", "diffusion_pytorch_model.safetensors")
 # what else in config.json a loader may use; checked when present
 META_FIELDS = {"kind": "str", "guidance": "number|null?", "data": "str?", "schedule": "dict?", "steps": "int?",
@@ -192,8 +210,47 @@ def read_config(path: str, kinds: tuple[str, ...]) -> tuple[ModelConfig, dict]:
     return cfg, meta
 
 
+def _check_pipeline_agrees(path: str, component: str, net: nn.Module, cfg: ModelConfig, meta: dict) -> None:
+    """A pipeline folder says twice what the model is (config.json for flashcore, the
+    component configs for diffusers); a loader that read one would sample differently
+    from one that read the other, so they must agree."""
+    import json
+
+    from ..scheduler import FlashcoreScheduler
+    file = os.path.join(path, component, "config.json")
+    saved = read_json(file)
+    check_json(saved, {}, file)
+    want = json.loads(json.dumps({k: v for k, v in net.config.items() if not k.startswith("_")}))
+    for k, v in want.items():
+        if saved.get(k) != v:
+            raise CheckpointError(f"checkpoint: {file}: field {k!r} is {json.dumps(saved.get(k))[:40]}, "
+                                  f"config.json's model gives {json.dumps(v)[:40]}")
+    file = os.path.join(path, "scheduler", "scheduler_config.json")
+    saved = read_json(file)
+    check_json(saved, {}, file)
+    try:
+        got = FlashcoreScheduler.from_config(saved)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint: {file}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
+    try:
+        want = FlashcoreScheduler(**_scheduler_kwargs(cfg, meta))
+    except (ValueError, TypeError) as e:          # steps or grid that no scheduler can take
+        raise CheckpointError(f"checkpoint: {os.path.join(path, 'config.json')}: {str(e).splitlines()[0]}") from None
+    fields = ["prediction_type"]
+    if saved.get("_class_name") == FlashcoreScheduler.__name__:    # (a swapped-in diffusers scheduler has no plan)
+        fields += ["noise_correction", "num_inference_steps", "timesteps"]
+    for k in fields:
+        if got.config[k] != want.config[k]:
+            raise CheckpointError(f"checkpoint: {file}: field {k!r} is {json.dumps(got.config[k])[:40]}, "
+                                  f"config.json gives {json.dumps(want.config[k])[:40]}")
+    if not torch.equal(got.schedule.alphas_cumprod, want.schedule.alphas_cumprod):
+        raise CheckpointError(f"checkpoint: {file}: its noise schedule is not config.json's 'schedule'")
+
+
 def load_pretrained(path: str, *, kinds: tuple[str, ...] = ("teacher", "student")) -> tuple[Denoiser, dict]:
-    """Load a denoiser saved by ``save_pretrained``; float32 weights, eval mode.
+    """Load a denoiser saved by ``save_pretrained`` (a pipeline folder) or in the
+    earlier layout (config.json and model/); float32 weights, eval mode.
 
     The network is built from config.json and must take every weight as it is:
     each tensor present, of the config's shape, floating point and finite
@@ -202,7 +259,16 @@ def load_pretrained(path: str, *, kinds: tuple[str, ...] = ("teacher", "student"
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint: {path!r} is not a directory")
     cfg, meta = read_config(path, kinds)
-    file = os.path.join(path, WEIGHTS)
+    component = None
+    if os.path.exists(os.path.join(path, "model_index.json")):        # a pipeline folder
+        from ..pipeline import NETWORK_COMPONENT, WEIGHTS_NAME, check_pipeline_folder
+        component = check_pipeline_folder(path)
+        if component != NETWORK_COMPONENT[cfg.arch]:
+            raise CheckpointError(f"checkpoint: {path}: config.json's model is a {cfg.arch!r} network, the "
+                                  f"pipeline holds a {component!r}")
+        file = os.path.join(path, component, WEIGHTS_NAME)
+    else:
+        file = os.path.join(path, WEIGHTS)
     tensors = read_tensors(file)
     net = build_net(cfg)
     bad = tensor_problem(tensors, net.state_dict())
@@ -210,6 +276,8 @@ def load_pretrained(path: str, *, kinds: tuple[str, ...] = ("teacher", "student"
         raise CheckpointError(f"checkpoint: {file}: tensor {bad[0]!r} {bad[1]}"
                               + (" (the weights do not fit config.json)" if bad[2] else ""))
     net.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+    if component is not None:
+        _check_pipeline_agrees(path, component, net, cfg, meta)
     schedule = None
     if cfg.prediction_type != "epsilon":
         if "schedule" not in meta:
