@@ -16,6 +16,7 @@ from flashcore import cli
 from flashcore.checkpoint import CheckpointError
 from flashcore.images import to_uint8
 from flashcore.models import Denoiser, ModelConfig, load_pretrained, save_pretrained
+from flashcore.models.denoiser import stored_dtype
 from flashcore.pipeline import FlashcorePipeline
 from flashcore.sampler import sample
 from flashcore.schedule import NoiseSchedule, ScheduleConfig
@@ -201,6 +202,9 @@ def test_shipped_checkpoints_load_and_export_as_pipelines(tmp_path, capsys):
     out = str(tmp_path / "pipe")
     assert cli.main(["export-pipeline", "--model", student, "--out", out]) == 0
     assert "student pipeline" in capsys.readouterr().out
+    assert stored_dtype(student) == stored_dtype(out) == torch.float16        # the distiller's float16 kept
+    weights = os.path.join(out, "unet", "diffusion_pytorch_model.safetensors")
+    assert os.stat(weights).st_mode & 0o777 == 0o644
     model, meta = load_pretrained(student)
     pipe = DiffusionPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)

@@ -172,6 +172,9 @@ def save_pretrained(model: Denoiser, path: str, meta: dict, dtype: torch.dtype =
 
     def write(d: str) -> None:
         pipe.save_pretrained(d, safe_serialization=True)
+        for root, _, files in os.walk(d):         # diffusers leaves some files 0600; checkpoints are shared
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o644)
         write_json(os.path.join(d, "config.json"), {**meta, "model": asdict(model.cfg)})
     write_dir(path, write)
 
@@ -208,6 +211,35 @@ def read_config(path: str, kinds: tuple[str, ...]) -> tuple[ModelConfig, dict]:
         except ValueError as e:
             raise CheckpointError(f"checkpoint: {file}: field 'schedule': {e}") from None
     return cfg, meta
+
+
+def _weights_file(path: str, cfg: ModelConfig) -> tuple[str, str | None]:
+    """(the network's safetensors file, its pipeline component or None in the earlier layout)."""
+    if not os.path.exists(os.path.join(path, "model_index.json")):
+        return os.path.join(path, WEIGHTS), None
+    from ..pipeline import NETWORK_COMPONENT, WEIGHTS_NAME, check_pipeline_folder
+    component = check_pipeline_folder(path)
+    if component != NETWORK_COMPONENT[cfg.arch]:
+        raise CheckpointError(f"checkpoint: {path}: config.json's model is a {cfg.arch!r} network, the "
+                              f"pipeline holds a {component!r}")
+    return os.path.join(path, component, WEIGHTS_NAME), component
+
+
+def stored_dtype(path: str) -> torch.dtype:
+    """The floating-point type a saved denoiser's weights are stored in (a distilled
+    student's: float16), read from the safetensors header alone."""
+    from safetensors import safe_open
+    path = current_dir(path)
+    file, _ = _weights_file(path, read_config(path, ("teacher", "student"))[0])
+    try:
+        with safe_open(file, "pt") as f:
+            kinds = {f.get_slice(k).get_dtype() for k in f.keys()}
+    except Exception:        # a missing or broken file: load_pretrained names the problem
+        return torch.float32
+    for name, dtype in (("F32", torch.float32), ("BF16", torch.bfloat16), ("F16", torch.float16)):
+        if name in kinds:
+            return dtype
+    return torch.float32
 
 
 def _check_pipeline_agrees(path: str, component: str, net: nn.Module, cfg: ModelConfig, meta: dict) -> None:
@@ -259,16 +291,7 @@ def load_pretrained(path: str, *, kinds: tuple[str, ...] = ("teacher", "student"
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint: {path!r} is not a directory")
     cfg, meta = read_config(path, kinds)
-    component = None
-    if os.path.exists(os.path.join(path, "model_index.json")):        # a pipeline folder
-        from ..pipeline import NETWORK_COMPONENT, WEIGHTS_NAME, check_pipeline_folder
-        component = check_pipeline_folder(path)
-        if component != NETWORK_COMPONENT[cfg.arch]:
-            raise CheckpointError(f"checkpoint: {path}: config.json's model is a {cfg.arch!r} network, the "
-                                  f"pipeline holds a {component!r}")
-        file = os.path.join(path, component, WEIGHTS_NAME)
-    else:
-        file = os.path.join(path, WEIGHTS)
+    file, component = _weights_file(path, cfg)
     tensors = read_tensors(file)
     net = build_net(cfg)
     bad = tensor_problem(tensors, net.state_dict())
