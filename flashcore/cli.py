@@ -409,8 +409,6 @@ def _add_ablate(sub):
     p.add_argument("--samples", type=_samples, default=1000, help="samples per flashcore eval")
     p.add_argument("--variants", default=None, help="comma list (default: all): full,forward,no-srl,"
                                                     "no-noise-correction,no-adversarial")
-    p.add_argument("--features", nargs="+", default=None, metavar="DIR",
-                   help="feature networks of the evals (default: eval's headline spaces, which are MNIST's)")
     _add_device_flag(p)
     return p
 
@@ -421,11 +419,10 @@ def cmd_ablate(a) -> int:
     distill_memory(cfg, max(a.samples, cfg.val_samples if cfg.val_every else 0))
     _print_config(cfg)
     command = " ".join(["flashcore ablate"] + _distill_command_flags(cfg) + ["--out", a.out, "--samples", str(a.samples)]
-                       + (["--variants", a.variants] if a.variants else [])
-                       + (["--features", *a.features] if a.features else []))
+                       + (["--variants", a.variants] if a.variants else []))
     res = ablate(cfg, a.out, cfg.classifier, samples=a.samples,
                  variants=a.variants.split(",") if a.variants else None, flags_of=_distill_command_flags,
-                 command=command, device=_device(a), features=a.features)
+                 command=command, device=_device(a))
     print(open(os.path.join(a.out, "ablation.md")).read())
     print(f"table: {os.path.join(a.out, 'ablation.md')}, picture: {os.path.join(a.out, 'ablation.png')}, "
           f"{len(res['rows'])} rows")
@@ -517,34 +514,6 @@ def cmd_disback(a) -> int:
     return 0
 
 
-def _add_export(sub):
-    p = _command(sub, "export", "export a whole few-step sampler (every network call and update; x_T and labels "
-                                "in, x0 out) as one Python-free artifact: an AOTInductor .pt2 package for the "
-                                "C++ runner flashcore-run, or ONNX of standard ops (docs/deploy.md)")
-    p.add_argument("--model", required=True, help="teacher or student checkpoint directory")
-    p.add_argument("--steps", type=_sampler_steps, default=None,
-                   help="sampler steps (default: a student's distilled step count)")
-    p.add_argument("--format", choices=("pt2", "onnx"), default="pt2", help="artifact format")
-    p.add_argument("--out", required=True, type=out_file, help="the artifact to write (a pt2 name ends in .pt2)")
-    p.add_argument("--batch", type=_positive, default=1, help="the batch the artifact is fixed to")
-    p.add_argument("--bf16", action="store_true", help="the network in bfloat16 (the update stays float32)")
-    return p
-
-
-def cmd_export(a) -> int:
-    from flashcore.export import ExportConfig, export_sampler
-    if a.format == "pt2" and not a.out.endswith(".pt2"):
-        raise UsageError(f"--out: a pt2 package's name must end in .pt2, got {a.out!r}")
-    steps, nc, _ = sampling_setup(a.model, a.steps, None)
-    if steps is None:
-        raise UsageError("--steps: the model is not a student with a distilled step count; pass --steps")
-    r = export_sampler(ExportConfig(model=a.model, out=a.out, steps=steps, format=a.format, batch=a.batch,
-                                    bf16=a.bf16, noise_correction=nc))
-    print(f"{r['steps']}-step sampler, batch {r['batch']}, {r['dtype']} -> {a.out} ({a.format}, "
-          f"{os.path.getsize(a.out) / 2**20:.1f} MiB) in {r['seconds']:.1f} s")
-    return 0
-
-
 COMMANDS = {
     "train-teacher": (_add_train_teacher, cmd_train_teacher),
     "train-classifier": (_add_train_classifier, cmd_train_classifier),
@@ -556,7 +525,6 @@ COMMANDS = {
     "bench": (_add_bench, cmd_bench),
     "export-pipeline": (_add_export_pipeline, cmd_export_pipeline),
     "disback": (_add_disback, cmd_disback),
-    "export": (_add_export, cmd_export),
 }
 
 
