@@ -233,7 +233,7 @@ def test_ablate_writes_table_and_picture_and_does_not_retrain(tiny_teacher, tiny
     out = str(tmp_path / "abl")
     args = ["ablate", "--teacher", tiny_teacher, "--steps", "2", "--out", out, "--iters", "2", "--batch-size", "4",
             "--val-every", "1", "--val-samples", "20", "--classifier", tiny_classifier, "--samples", "20",
-            "--variants", "full,no-srl"]
+            "--features", tiny_classifier, "--variants", "full,no-srl"]
     assert cli.main(args) == 0
     md = open(os.path.join(out, "ablation.md")).read()
     res = json.load(open(os.path.join(out, "ablation.json")))

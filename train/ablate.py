@@ -41,16 +41,16 @@ DESCRIPTION = {
 TEACHER_REFERENCE_STEPS = 50
 
 
-def _eval_cached(path: str, model: str, steps: int, samples: int, **kw) -> dict:
-    """``flashcore eval`` in its headline feature spaces (never the validation
-    classifier that picked the students), cached in ``path``."""
+def _eval_cached(path: str, model: str, steps: int, samples: int, features: list[str] | None, **kw) -> dict:
+    """``flashcore eval`` in the given feature spaces (default: eval's headline ones,
+    never the validation classifier that picked the students), cached in ``path``."""
     from flashcore.evaluate import evaluate
+    asked = list(features) if features else None
     if os.path.exists(path):
         r = read_json(path)
-        headline = all(not s.get("is_validation_space", True) for s in r.get("feature_spaces", {"": {}}).values())
-        if r.get("samples") == samples and r.get("steps") == steps and headline:
+        if r.get("samples") == samples and r.get("steps") == steps and r.get("features_asked", 0) == asked:
             return r
-    r = evaluate(model, None, steps=steps, samples=samples, **kw)
+    r = {**evaluate(model, features, steps=steps, samples=samples, **kw), "features_asked": asked}
     write_json(path, r)
     return r
 
@@ -66,12 +66,12 @@ def row_command(cfg: DistillConfig, run_dir: str, flag: str, flags_of) -> str:
 
 def ablate(base: DistillConfig, out: str, classifier: str, *, samples: int = 1000,
            variants: list[str] | None = None, flags_of=None, progress: bool = True,
-           command: str | None = None, device=None) -> dict:
+           command: str | None = None, device=None, features: list[str] | None = None) -> dict:
     """Train and evaluate every variant; returns the results dict written to ablation.json."""
     with common.run_folder(out, resume=None, what="ablate"):
         try:
             return _ablate(base, out, classifier, samples=samples, variants=variants, flags_of=flags_of,
-                           progress=progress, command=command, device=device)
+                           progress=progress, command=command, device=device, features=features)
         except common.Interrupted as e:          # resuming an ablation is running it again, not --resume
             raise common.RunError(f"ablate: interrupted by {e.signame} at iteration {e.step} of {e.total} of "
                                   f"{e.run_dir!r}; its checkpoint is saved, run the same ablate command again "
@@ -79,7 +79,8 @@ def ablate(base: DistillConfig, out: str, classifier: str, *, samples: int = 100
 
 
 def _ablate(base: DistillConfig, out: str, classifier: str, *, samples: int, variants: list[str] | None,
-            flags_of, progress: bool, command: str | None, device=None) -> dict:
+            flags_of, progress: bool, command: str | None, device=None,
+            features: list[str] | None = None) -> dict:
     from flashcore.evaluate import generate
     from flashcore.images import labelled_rows
     from flashcore.models import load_pretrained
@@ -98,7 +99,7 @@ def _ablate(base: DistillConfig, out: str, classifier: str, *, samples: int, var
             distill(cfg, run_dir, resume=common.has_state(run_dir), progress=progress, device=device)
         student = os.path.join(run_dir, "student")
         meta = read_json(os.path.join(student, "config.json"))
-        evals = {s: _eval_cached(os.path.join(run_dir, f"eval-{s}step.json"), student, s, samples,
+        evals = {s: _eval_cached(os.path.join(run_dir, f"eval-{s}step.json"), student, s, samples, features,
                                  noise_correction=cfg.noise_correction, device=device) for s in range(1, n + 1)}
         rows.append({"name": name, "what": DESCRIPTION[name], "run": run_dir, "model": student,
                      "command": row_command(cfg, run_dir, flag, flags_of) if flags_of else None,
@@ -107,7 +108,7 @@ def _ablate(base: DistillConfig, out: str, classifier: str, *, samples: int, var
     tdir = os.path.join(out, "teacher")
     os.makedirs(tdir, exist_ok=True)
     teacher_evals = {s: _eval_cached(os.path.join(tdir, f"eval-{s}step.json"), base.teacher, s,
-                                     samples, guidance=base.guidance, device=device)
+                                     samples, features, guidance=base.guidance, device=device)
                      for s in list(range(1, n + 1)) + [TEACHER_REFERENCE_STEPS]}
     result = {"command": command, "steps": n, "iters": base.iters, "seed": base.seed, "samples": samples, "teacher": base.teacher,
               "classifier": classifier, "config": dataclasses.asdict(base), "rows": rows,
