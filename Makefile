@@ -44,3 +44,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# make gpu-check: the whole GPU verification (build, GPU tests, benchmarks) on one
+# H100/H200 in at most 8 minutes; bench/gpu_check.py and docs/gpu.md say what it runs.
+# No venv step: on a GPU machine the Python that holds a CUDA torch is the system's
+# (GPU_PYTHON=...); here .venv's. GPU_CHECK_ARGS: e.g. --dry-run, --out-dir DIR.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+.PHONY: gpu-check
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
