@@ -455,7 +455,8 @@ class Runner:
         B.write_markdown(self.out_dir / MD_FILE, TITLE, self.rows, NOTES + what)
         if self.not_run:
             with (self.out_dir / MD_FILE).open("a") as f:
-                f.write("\n## Not run\n\n| model | role | dtype | batch | provider | why |\n|---|---|---|---:|---|---|\n")
+                f.write("\n## Not run\n\n| model | role | dtype | batch | provider | why |\n"
+                        "|---|---|---|---:|---|---|\n")
                 for c, why in self.not_run:
                     f.write(f"| {c.model} | {c.role} | {c.dtype} | {c.batch} | {c.provider} | {why} |\n")
 
