@@ -56,7 +56,7 @@ def test_backward_mode_never_feeds_real_images_to_the_student(tiny_teacher, monk
 def test_forward_mode_uses_real_images(tiny_teacher):
     d = Distiller(cfg_for(tiny_teacher, backward=False, adversarial=False))
     x_t, t, labels, i, used_real = d.student_state(4)
-    assert used_real and d._real is not None
+    assert used_real == "fwd" and d._real is not None
 
 
 @pytest.mark.parametrize("nc", [True, False])

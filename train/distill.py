@@ -25,9 +25,16 @@ as in one process. Rank 0 alone logs, validates and writes checkpoints; the
 per-rank generator states go into the checkpoint, so a resume with the same N
 is exact. Backend gloo on CPU, NCCL on GPU.
 
-Optionally (DDIL, Garrepalli et al., arXiv 2410.11971) a share ``fwd_share``
-of batches takes forward-noised real states in step 2, and ``clip`` clamps
-x0 estimates to the data range in rollouts and targets.
+DDIL (Garrepalli et al., "Improved Diffusion Distillation With Imitation
+Learning", arXiv 2410.11971) widens step 2 into a mixture: per batch, with
+priors (beta_fwd, beta_teacher, beta_student), x_t is real data noised forward
+to t (keeps the data marginal), the teacher's own CFG rollout from x_T down to
+t (``teacher_rollout``), or the student's rollout (DAgger; the Imagine Flash
+default, beta_student = 1). ``clip`` > 0 is DDIL's reflected diffusion: x0
+estimates are thresholded to [-clip, clip] in both rollouts, in the x0 that
+SRL re-noises and in the teacher's target, and the exported student carries
+it for sampling. ``fwd_share`` is the older spelling of beta_fwd (the rest
+student); see docs/ddil.md.
 """
 from __future__ import annotations
 
@@ -82,9 +89,20 @@ class DistillConfig:
     lambda_adv: float = option(1e-2, "--lambda-adv", "weight of the discriminator's loss in the student's")
     d_lr: float = option(1e-4, "--d-lr", "AdamW learning rate of the discriminator")
     fwd_share: float = option(0.0, "--fwd-share",
-                              "DDIL: probability that a batch starts from forward-noised real images")
+                              "older form of --beta-fwd: that share forward-noised, the rest student rollouts")
+    beta_fwd: float = option(0.0, "--beta-fwd", "DDIL prior: share of batches whose states are real images "
+                                                "noised forward to t")
+    beta_teacher: float = option(0.0, "--beta-teacher", "DDIL prior: share of batches whose states are the "
+                                                        "teacher's own CFG rollouts from noise down to t")
+    beta_student: float | None = option(None, "--beta-student",
+                                        "DDIL prior: share of batches whose states are the student's rollouts "
+                                        "(default: the rest, 1 - beta_fwd - beta_teacher)")
+    teacher_substeps: int = option(1, "--teacher-substeps",
+                                   "DDIL: teacher DDIM steps per student grid interval in its rollouts "
+                                   "(1: the student's own grid)")
     step_weights: tuple = ()          # per grid step loss weights; () = all 1
-    clip: float = 0.0                 # DDIL reflection: clamp x0 to [-clip, clip]
+    clip: float = option(0.0, "--clip", "DDIL reflection: threshold x0 to [-clip, clip] in rollouts, targets "
+                                        "and the exported student's sampling (1: the data range; 0: off)")
     checkpoint_every: int = option(250, "--checkpoint-every",
                                    "save a checkpoint (and a sample grid) every N iterations")
     val_every: int = option(100, "--val-every", "validation FD every N iterations; student/ is the best "
@@ -112,6 +130,31 @@ class DistillConfig:
         self.step_weights = tuple(self.step_weights)
         for w in self.step_weights:
             NONNEGATIVE.check("distill: step_weights", w)
+        self.priors()                  # raises on priors that do not make a distribution
+
+    def priors(self) -> tuple[float, float, float]:
+        """(beta_fwd, beta_teacher, beta_student) the run samples its states with.
+
+        Validated, not normalised: priors that do not sum to 1 are a mistake to
+        report, not to guess at. ``backward=False`` is forward distillation
+        (1, 0, 0); ``fwd_share`` = p, from configs before DDIL's priors, means
+        (p, 0, 1 - p), so their runs resume as they ran."""
+        if not self.backward:
+            if self.beta_teacher or self.beta_student:
+                raise ValueError("distill: --no-backward is forward distillation (beta_fwd = 1); it takes no "
+                                 "--beta-teacher or --beta-student")
+            return 1.0, 0.0, 0.0
+        fwd = self.beta_fwd
+        if self.fwd_share:
+            if fwd and fwd != self.fwd_share:
+                raise ValueError(f"distill: fwd_share {self.fwd_share!r} is the older name of beta_fwd, which is "
+                                 f"{fwd!r}; give one of them")
+            fwd = self.fwd_share
+        student = 1.0 - fwd - self.beta_teacher if self.beta_student is None else self.beta_student
+        if student < -1e-9 or abs(fwd + self.beta_teacher + student - 1.0) > 1e-6:
+            raise ValueError(f"distill: the DDIL priors beta_fwd {fwd!r}, beta_teacher {self.beta_teacher!r}, "
+                             f"beta_student {self.beta_student!r} must sum to 1")
+        return fwd, self.beta_teacher, max(student, 0.0)
 
 
 # every number DistillConfig holds and the values it may take (the CLI flags parse with these too)
@@ -120,6 +163,8 @@ DISTILL_RANGES = {
     "gamma_ratio": Range(float, 0, 1, lo_open=True), "gamma_jitter": Range(int, 0, MAX_TIMESTEPS),
     "teacher_steps": Range(int, 1, 1000), "guidance": Range(float, 0, 100, optional=True),
     "lambda_adv": Range(float, 0, 100), "d_lr": LR, "fwd_share": PROBABILITY, "clip": Range(float, 0, 100),
+    "beta_fwd": PROBABILITY, "beta_teacher": PROBABILITY, "beta_student": Range(float, 0, 1, optional=True),
+    "teacher_substeps": Range(int, 1, 100),
     "checkpoint_every": COUNT, "val_every": Range(int, 0, 10 ** 9),
     "val_samples": Range(int, 20, 10 ** 9),       # an FD of fewer samples says nothing
     "seed": SEED,
@@ -136,6 +181,30 @@ def rollout(student: Denoiser, plan: StepPlan, i: int, x_T: torch.Tensor, labels
             clip: float = 0.0) -> torch.Tensor:
     """x at plan.grid[i] after i student steps from x_T (the plan says where noise correction applies)."""
     return run_plan(student, plan, x_T, labels, stop=i, clip=clip)[0]
+
+
+SOURCES = ("fwd", "teacher", "student")      # DDIL's state sources, in the order of the priors
+
+
+def teacher_rollout_grid(grid: list[int], i: int, substeps: int) -> list[int]:
+    """The teacher's rollout grid from grid[0] = T down to grid[i]: ``substeps``
+    evenly spaced DDIM steps inside each student interval, ending at grid[i]."""
+    out = []
+    for j in range(i):
+        hi, lo = grid[j], grid[j + 1]
+        out += [round(hi - (hi - lo) * k / substeps) for k in range(substeps)]
+    return out + [grid[i]]
+
+
+@torch.no_grad()
+def teacher_rollout(teacher: Denoiser, sched: NoiseSchedule, grid: list[int], i: int, substeps: int,
+                    x_T: torch.Tensor, labels: torch.Tensor, *, guidance: float, noise_correction: bool,
+                    clip: float = 0.0) -> torch.Tensor:
+    """x at grid[i] from the teacher's own sampler: DDIM with CFG from x_T, noise-corrected at
+    t = T like the student's rollouts, on ``teacher_rollout_grid`` (DDIL's teacher-induced states)."""
+    fine = teacher_rollout_grid(grid, i, substeps)
+    plan = StepPlan.build(sched, grid=fine, noise_correction=noise_correction)
+    return run_plan(teacher, plan, x_T, labels, stop=len(fine) - 1, guidance=guidance, clip=clip)[0]
 
 
 class Distiller:
@@ -175,7 +244,8 @@ class Distiller:
             self.student_fwd = DistributedDataParallel(
                 self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self._real = None
-        if not cfg.backward or cfg.adversarial or cfg.fwd_share > 0:
+        self.priors = cfg.priors()
+        if cfg.adversarial or self.priors[0] > 0:
             # real images serve the discriminator and forward distillation only
             ds = fdata.load(meta["data"], size=mc.sample_size, channels=mc.channels)
             self._real = tuple(x.to(self.device) for x in fdata.split(ds, "train"))
@@ -205,23 +275,39 @@ class Distiller:
         idx = self._randint(0, len(self._real[0]), b)
         return self._real[0][idx], self._real[1][idx]
 
+    def choose_source(self) -> str:
+        """One batch's state source, drawn from the shared generator with the priors.
+        No draw when one source has all the mass: the random stream of a run
+        without DDIL, or of an older ``fwd_share`` run, is what it was."""
+        live = [p for p in self.priors if p > 0]
+        if len(live) == 1:
+            return SOURCES[next(k for k, p in enumerate(self.priors) if p > 0)]
+        u = float(torch.rand(1, generator=self.shared))
+        if u < self.priors[0]:
+            return "fwd"
+        return "teacher" if u < self.priors[0] + self.priors[1] else "student"
+
     def student_state(self, b: int):
-        """(x_t, t, labels, i, used_real) for one batch: steps 1-2."""
+        """(x_t, t, labels, i, source) for one batch: steps 1-2, ``source`` one of ``SOURCES``."""
         cfg, sched = self.cfg, self.sched
         i = int(torch.randint(0, cfg.steps, (1,), generator=self.shared))
         t = self.grid[i]
-        forward = (not cfg.backward) or (cfg.fwd_share > 0 and float(torch.rand(1, generator=self.shared)) < cfg.fwd_share)
-        if forward:
+        source = self.choose_source()
+        if source == "fwd":
             x0, labels = self._real_batch(b)
             eps = self._randn(x0.shape)
             a_t, s_t = sched.alpha_sigma(t)
-            return a_t * x0 + s_t * eps, t, labels, i, True
+            return a_t * x0 + s_t * eps, t, labels, i, source
         labels = self._randint(0, self.teacher.cfg.num_classes, b)
         x_T = self._randn((b,) + self.shape)
+        if source == "teacher":
+            x_t = teacher_rollout(self.teacher, sched, self.grid, i, cfg.teacher_substeps, x_T, labels,
+                                  guidance=self.guidance, noise_correction=cfg.noise_correction, clip=cfg.clip)
+            return x_t, t, labels, i, source
         self.student.eval()
         x_t = rollout(self.student, self.plan, i, x_T, labels, cfg.clip)
         self.student.train()
-        return x_t, t, labels, i, False
+        return x_t, t, labels, i, source
 
     @torch.no_grad()
     def target(self, x_t: torch.Tensor, x0_s: torch.Tensor, t: int, labels: torch.Tensor) -> torch.Tensor:
@@ -233,6 +319,8 @@ class Distiller:
                 tau += int(torch.randint(-cfg.gamma_jitter, cfg.gamma_jitter + 1, (1,), generator=self.shared))
             tau = min(max(tau, 1), sched.T)
             a, s = sched.alpha_sigma(tau)
+            if cfg.clip:       # reflection: the teacher starts from an in-range x0
+                x0_s = x0_s.clamp(-cfg.clip, cfg.clip)
             chi = srl_renoise(x0_s, self._randn(x0_s.shape), a=a, s=s)
         else:
             chi, tau = x_t, t
@@ -245,7 +333,7 @@ class Distiller:
         graph) and what the discriminator step needs."""
         cfg, sched = self.cfg, self.sched
         b = self.local_batch
-        x_t, t, labels, i, _ = self.student_state(b)                               # (B, C, H, W)
+        x_t, t, labels, i, source = self.student_state(b)                             # (B, C, H, W)
         a_t, s_t = sched.alpha_sigma(t)
         tt = torch.full((b,), t, dtype=torch.long, device=self.device)
         with autocast(self.device, torch.bfloat16, enabled=cfg.bf16):
@@ -256,7 +344,8 @@ class Distiller:
         w = cfg.step_weights[i] if cfg.step_weights else 1.0
         l_srl = srl_loss(x_t, eps_s, x0_t, a_t=a_t, s_t=s_t)                       # 6.
         loss = w * l_srl
-        out = {"loss": loss, "srl": l_srl.detach(), "adv": torch.zeros((), device=self.device), "i": i}
+        out = {"loss": loss, "srl": l_srl.detach(), "adv": torch.zeros((), device=self.device), "i": i,
+               "source": source}
         if cfg.adversarial:
             real, real_lab = self._real_batch(b)
             td = self._randint(0, sched.T + 1, b)
@@ -303,7 +392,7 @@ class Distiller:
             self.d_opt.step()
         common.ema_update(self.ema, self.student, cfg.ema_decay)
         srl, adv, d = self._mean_over_ranks([r["srl"], r["adv"], ld])
-        return {"srl": float(srl), "adv": float(adv), "d": float(d.detach()), "i": r["i"]}
+        return {"srl": float(srl), "adv": float(adv), "d": float(d.detach()), "i": r["i"], "source": r["source"]}
 
 
 VAL_SEED = 1       # validation noise; `flashcore eval` uses seed 0 and the eval split
@@ -349,7 +438,7 @@ def export(run_dir: str, dist: Distiller, it: int, name: str = "student", extra:
     out = os.path.join(run_dir, name)
     save_pretrained(dist.ema, out, {
         "kind": "student", "guidance": None, "data": dist.meta["data"], "steps": cfg.steps,
-        "grid": dist.grid, "noise_correction": cfg.noise_correction, "schedule": dist.meta["schedule"],
+        "grid": dist.grid, "noise_correction": cfg.noise_correction, "clip": cfg.clip, "schedule": dist.meta["schedule"],
         "teacher": portable_path(cfg.teacher, out), "train_iters": it,
         "distill_config": {**dataclasses.asdict(cfg), "teacher": portable_path(cfg.teacher, out),
                            "classifier": portable_path(cfg.classifier, out)}, **(extra or {})},
@@ -360,7 +449,8 @@ def export(run_dir: str, dist: Distiller, it: int, name: str = "student", extra:
 def sample_grid(dist: Distiller, path: str) -> None:
     labels = torch.arange(dist.teacher.cfg.num_classes).repeat_interleave(8)
     x = sample(dist.ema, labels, schedule=dist.sched, steps=dist.cfg.steps, shape=dist.shape,
-               noise_correction=dist.cfg.noise_correction, generator=torch.Generator().manual_seed(1234))
+               noise_correction=dist.cfg.noise_correction, clip=dist.cfg.clip,
+               generator=torch.Generator().manual_seed(1234))
     save_png(image_grid(x, nrow=8), path, scale=2)
 
 
