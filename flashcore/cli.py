@@ -514,6 +514,35 @@ def cmd_disback(a) -> int:
     return 0
 
 
+def _add_export(sub):
+    p = _command(sub, "export", "export a whole few-step sampler (every network call and update; x_T and labels "
+                                "in, x0 out) as one Python-free artifact: an AOTInductor .pt2 package for the "
+                                "C++ runner flashcore-run, or ONNX of standard ops (docs/deploy.md)")
+    p.add_argument("--model", required=True, help="teacher or student checkpoint directory")
+    p.add_argument("--steps", type=_sampler_steps, default=None,
+                   help="sampler steps (default: a student's distilled step count)")
+    p.add_argument("--format", choices=("pt2", "onnx"), default="pt2", help="artifact format")
+    p.add_argument("--out", required=True, type=out_file, help="the artifact to write (a pt2 name ends in .pt2)")
+    p.add_argument("--batch", type=_positive, default=1, help="the batch the artifact is fixed to")
+    p.add_argument("--bf16", action="store_true", help="the network in bfloat16 (the update stays float32)")
+    return p
+
+
+def cmd_export(a) -> int:
+    from flashcore.export import ExportConfig, export_sampler
+    if a.format == "pt2" and not a.out.endswith(".pt2"):
+        raise UsageError(f"--out: a pt2 package's name must end in .pt2, got {a.out!r}")
+    meta = peek_meta(a.model)
+    if a.steps is None and not (meta and meta.get("kind") == "student" and isinstance(meta.get("steps"), int)):
+        raise UsageError("--steps: the model is not a student with a distilled step count; pass --steps")
+    steps, nc, _ = sampling_setup(a.model, a.steps, None)
+    r = export_sampler(ExportConfig(model=a.model, out=a.out, steps=steps, format=a.format, batch=a.batch,
+                                    bf16=a.bf16, noise_correction=nc))
+    print(f"{r['steps']}-step sampler, batch {r['batch']}, {r['dtype']} -> {a.out} ({a.format}, "
+          f"{os.path.getsize(a.out) / 2**20:.1f} MiB) in {r['seconds']:.1f} s")
+    return 0
+
+
 COMMANDS = {
     "train-teacher": (_add_train_teacher, cmd_train_teacher),
     "train-classifier": (_add_train_classifier, cmd_train_classifier),
@@ -525,6 +554,7 @@ COMMANDS = {
     "bench": (_add_bench, cmd_bench),
     "export-pipeline": (_add_export_pipeline, cmd_export_pipeline),
     "disback": (_add_disback, cmd_disback),
+    "export": (_add_export, cmd_export),
 }
 
 

@@ -40,3 +40,19 @@ def row(name: str, supports) -> Row:
     built = has_kernel(name)
     impl = getattr(torch.ops.flashcore_C, name).default if built else _missing(name)
     return Row(impl, (lambda: built), supports, "cpu")
+
+
+# How flashcore/export.py writes each public op into an exported graph (docs/deploy.md):
+# ``native`` as the ``flashcore_C::`` op of the same contract (its schema and CPU kernel
+# live in the C++ library, so an AOTInductor package runs without Python), ``reference``
+# as its PyTorch reference (standard ops: ONNX). Both take the public op's arguments,
+# the trailing ``backend`` string included (an artifact has one backend per format).
+EXPORT: dict = {}
+
+
+def export_rule(public: str, native_name: str, native, reference, fake=None) -> None:
+    """Declare how ``flashcore::<public>`` is exported; ``fake`` (the native op's
+    arguments in, empty outputs out) lets export trace the native op."""
+    EXPORT[public] = (native_name, native, reference)
+    if fake is not None and has_kernel(native_name):
+        torch.library.register_fake(f"flashcore_C::{native_name}")(fake)

@@ -121,7 +121,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, scale, backend):
+def _attention_fwd_fake(q, k, v, scale, backend):
     return (q.new_empty(q.shape[:-1] + (v.shape[-1],)),
             q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype)))
 
@@ -154,6 +154,13 @@ def _backward(ctx, dout, _dlse):
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup)
+
+# exported graphs (flashcore/export.py): the C++ op, or the reference for ONNX
+_native.export_rule(
+    "attention_fwd", "attention_fwd",
+    native=lambda q, k, v, scale, backend: torch.ops.flashcore_C.attention_fwd.default(q, k, v, scale),
+    reference=lambda q, k, v, scale, backend: attention_ref(q, k, v, scale),
+    fake=lambda q, k, v, scale: _attention_fwd_fake(q, k, v, scale, ""))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,

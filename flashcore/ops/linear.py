@@ -158,6 +158,13 @@ if _DIRECT is not None:
     def _(x, weight, bias, activation):
         return x.new_empty(x.shape[:-1] + (weight.shape[0],))
 
+# exported graphs (flashcore/export.py): the C++ op, or the reference for ONNX
+_native.export_rule(
+    "linear", "linear",
+    native=lambda x, weight, bias, activation, backend: torch.ops.flashcore_C.linear.default(x, weight, bias,
+                                                                                             activation),
+    reference=lambda x, weight, bias, activation, backend: linear_ref(x, weight, bias, activation))
+
 
 def _autocast(x, weight, bias):
     """Autocast's rule for ``F.linear``: cast float inputs to the autocast dtype.

@@ -139,6 +139,13 @@ def _backward(ctx, g_next, g_x0):
 
 _sampler_step_op.register_autograd(_backward, setup_context=_setup)
 
+# exported graphs (flashcore/export.py): the C++ op, or the reference for ONNX
+_native.export_rule(
+    "sampler_step", "sampler_step",
+    native=lambda *args: torch.ops.flashcore_C.sampler_step.default(*args[:-1]),
+    reference=lambda *args: sampler_step_ref(*args[:-1]),
+    fake=lambda x_t, *rest: (torch.empty_like(x_t), torch.empty_like(x_t)))
+
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Do the byte extents of ``a`` and ``b`` intersect (exact for separate storages)?"""
