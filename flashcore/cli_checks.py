@@ -241,6 +241,15 @@ def sampling_setup(model: str, steps: int | None, nc_flag: bool | None, default_
     return steps, nc, meta
 
 
+def sampling_clip(meta: dict | None, clip_flag: float | None) -> float:
+    """The x0 threshold for sampling: the flag if given, else the checkpoint's own (a DDIL
+    student distilled with reflection carries ``clip`` in its config.json), else 0 (off)."""
+    if clip_flag is not None:
+        return clip_flag
+    v = (meta or {}).get("clip", 0.0)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 100 else 0.0
+
+
 # ---- results and messages -------------------------------------------------------------------
 
 def save_result(path: str, r: dict, what: str) -> None:
