@@ -231,6 +231,15 @@ def _run(cmd: list[str]) -> str | None:
 
 # ------------------------------------------------------------ summary --
 
+def _sibling(name: str):
+    """Another bench script, imported by name (this folder on sys.path)."""
+    import importlib
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module(name)
+
+
 def kernel_table(csv_path: Path) -> str:
     """The kernel benchmark's rows with the share of the device's peak (bench_gpu.PEAKS)."""
     import csv
@@ -240,9 +249,7 @@ def kernel_table(csv_path: Path) -> str:
         rows = [r for r in csv.DictReader(f) if r["name"].split(".")[0] in ("attention", "sampler_step", "srl_loss")]
     if not rows:
         return "(no kernel rows)\n"
-    sys.path.insert(0, str(ROOT))
-    from flashcore import benchmarking as B
-    bench = B.load_bench("bench_gpu")
+    bench = _sibling("bench_gpu")
     lines = ["| op | provider | shape | dtype | p50 ms | value | % of peak |", "|---|---|---|---|---:|---:|---:|"]
     for r in rows:
         pct = bench.share_of_peak(r["unit"], float(r["value"]), r["device"], r["dtype"])
@@ -319,9 +326,7 @@ def dry_run(stage_list: list[Stage], out: Path) -> None:
                 env = " ".join(f"{k}={v}" for k, v in st.env.items())
                 f.write(f"=== {st.name} (dry run, not run): {env} {' '.join(cmd)}  (budget {st.budget_s:.0f} s)\n")
             if st.name in ("kernels", "models"):
-                sys.path.insert(0, str(ROOT))
-                from flashcore import benchmarking as B
-                mod = B.load_bench("bench_gpu" if st.name == "kernels" else "bench_gpu_models")
+                mod = _sibling("bench_gpu" if st.name == "kernels" else "bench_gpu_models")
                 args = ["--dry-run", "--quick", "--dtype", "bf16"] if st.name == "kernels" else \
                     ["--dry-run", "--short", "--out-dir", str(out)]
                 t0 = time.monotonic()

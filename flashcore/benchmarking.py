@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import datetime
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -31,11 +30,6 @@ ROOT = Path(os.environ.get("FLASHCORE_HOME", Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "bench"
 RESULTS_DIR = BENCH_DIR / "results"          # the committed tables: written only when named as --out-dir
 RUNS_DIR = ROOT / "out" / "bench"             # git-ignored; one folder per run by default
-SUITES = {
-    "kernels": ("bench_sampler_step", "bench_srl_loss", "bench_attention"),
-    "step": ("bench_step",),
-    "e2e": ("bench_e2e",),
-}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
@@ -443,19 +437,6 @@ def bench_case(name: str, shape, dtype, provs: dict[str, Callable[[], object]], 
 
 # ------------------------------------------------------------------ suites --
 
-def load_bench(module: str):
-    """Import ``bench/<module>.py`` from the source tree (bench/ is not installed)."""
-    path = BENCH_DIR / f"{module}.py"
-    if not path.exists():
-        raise ValueError(f"bench: {path} not found; run from a flashcore source checkout "
-                         f"or set FLASHCORE_HOME to one")
-    spec = importlib.util.spec_from_file_location(f"flashcore_bench_{module}", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def resolve_out_dir(out_dir: str | Path | None, *, quick: bool) -> Path:
     """Where a run writes: ``out_dir``, or else a new folder ``out/bench/<UTC time>[-quick]``.
 
@@ -474,21 +455,6 @@ def resolve_out_dir(out_dir: str | Path | None, *, quick: bool) -> Path:
         path = RUNS_DIR / f"{stamp}-{n}"
     path.mkdir(parents=True)
     return path
-
-
-def run_suite(suite: str, *, quick: bool = False, providers: tuple[str, ...] | None = None,
-              out_dir: str | Path | None = None, log: Callable[[str], None] | None = None) -> list[dict]:
-    """Run the bench modules of ``suite`` (or "all"), publish each under ``out_dir``
-    (``resolve_out_dir``), return all rows."""
-    out_dir = resolve_out_dir(out_dir, quick=quick)
-    names = [m for s in SUITES.values() for m in s] if suite == "all" else list(SUITES[suite])
-    rows: list[dict] = []
-    for m in names:
-        mod = load_bench(m)
-        got = mod.run(quick=quick, providers=providers, log=log)
-        publish(mod.NAME, mod.TITLE, got, out_dir, notes=getattr(mod, "NOTES", ()))
-        rows += got
-    return rows
 
 
 def keep_provider(provider: str, providers: tuple[str, ...] | None) -> bool:

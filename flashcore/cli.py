@@ -409,6 +409,8 @@ def _add_ablate(sub):
     p.add_argument("--samples", type=_samples, default=1000, help="samples per flashcore eval")
     p.add_argument("--variants", default=None, help="comma list (default: all): full,forward,no-srl,"
                                                     "no-noise-correction,no-adversarial")
+    p.add_argument("--features", nargs="+", default=None, metavar="DIR",
+                   help="feature networks of the evals (default: eval's headline spaces, which are MNIST's)")
     _add_device_flag(p)
     return p
 
@@ -419,10 +421,11 @@ def cmd_ablate(a) -> int:
     distill_memory(cfg, max(a.samples, cfg.val_samples if cfg.val_every else 0))
     _print_config(cfg)
     command = " ".join(["flashcore ablate"] + _distill_command_flags(cfg) + ["--out", a.out, "--samples", str(a.samples)]
-                       + (["--variants", a.variants] if a.variants else []))
+                       + (["--variants", a.variants] if a.variants else [])
+                       + (["--features", *a.features] if a.features else []))
     res = ablate(cfg, a.out, cfg.classifier, samples=a.samples,
                  variants=a.variants.split(",") if a.variants else None, flags_of=_distill_command_flags,
-                 command=command, device=_device(a))
+                 command=command, device=_device(a), features=a.features)
     print(open(os.path.join(a.out, "ablation.md")).read())
     print(f"table: {os.path.join(a.out, 'ablation.md')}, picture: {os.path.join(a.out, 'ablation.png')}, "
           f"{len(res['rows'])} rows")
@@ -446,8 +449,8 @@ def cmd_bench(a) -> int:
     from flashcore import benchmarking
     provs = tuple(a.providers.split(",")) if a.providers else None
     out_dir = benchmarking.resolve_out_dir(a.out_dir, quick=a.quick)
-    rows = benchmarking.run_suite(a.suite, quick=a.quick, providers=provs, out_dir=out_dir,
-                                  log=lambda s: print(s, flush=True))
+    from flashcore.cli_bench import run_suite
+    rows = run_suite(a.suite, quick=a.quick, providers=provs, out_dir=out_dir, log=lambda s: print(s, flush=True))
     if a.json:
         benchmarking.write_json(a.json, rows)
     print(f"{len(rows)} rows -> {out_dir}")

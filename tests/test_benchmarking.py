@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from flashcore import benchmarking as B
+from flashcore.cli_bench import load_bench
 from flashcore.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,7 +201,7 @@ def test_step_and_e2e_suites_quick_without_compile(tmp_path):
     """The step suite's eager, flashcore-eager and ONNX Runtime rows on a tiny DiT
     (the compiled providers are covered by tests/test_engine.py), and the e2e rows."""
     pytest.importorskip("onnxruntime")
-    step = B.load_bench("bench_step")
+    step = load_bench("bench_step")
     rows = step.run(quick=True, providers=("eager", "flashcore-eager", "onnxruntime"))
     _check_rows(rows)
     timed = [r for r in rows if r["unit"] == "ms"]
@@ -208,7 +209,7 @@ def test_step_and_e2e_suites_quick_without_compile(tmp_path):
         (n, p) for n in ("student_step", "teacher_step") for p in ("eager", "flashcore-eager", "onnxruntime")}
     assert all(r["rel_err"] < 1e-4 for r in timed)                # fp32 providers agree with eager
     assert {r["name"] for r in rows if r["unit"] == "s"} == {"student_step.export", "teacher_step.export"}
-    e2e = B.load_bench("bench_e2e")
+    e2e = load_bench("bench_e2e")
     rows = e2e.run(quick=True, providers=("eager",))
     _check_rows(rows)
     assert {r["name"] for r in rows} == {"student_3step", "teacher_5step_cfg"}

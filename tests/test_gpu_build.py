@@ -29,15 +29,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from flashcore.cli_bench import load_bench
 from flashcore.ops import (attention_bwd_ref, attention_ref, sampler_step_ref, srl_loss_ref,
                            srl_renoise_ref)
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
-_spec = importlib.util.spec_from_file_location("gpu_build_report", ROOT / "bench" / "gpu_build_report.py")
-report = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = report           # its dataclass looks itself up there
-_spec.loader.exec_module(report)
+report = load_bench("gpu_build_report")     # the bench scripts' one loader (flashcore/cli_bench.py)
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 # Shared memory a block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin): A100, H100.

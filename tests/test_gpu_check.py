@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from flashcore import benchmarking as B
+from flashcore.cli_bench import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
-gpu_check = B.load_bench("gpu_check")
-models = B.load_bench("bench_gpu_models")
-kernels = B.load_bench("bench_gpu")
+gpu_check = load_bench("gpu_check")
+models = load_bench("bench_gpu_models")
+kernels = load_bench("bench_gpu")
 
 
 def test_dry_run_writes_one_marked_folder_and_passes(tmp_path, capsys):
