@@ -58,7 +58,8 @@ from flashcore.schedule import NoiseSchedule, ScheduleConfig
 from flashcore.validation import (COUNT, DECAY, LR, MAX_TIMESTEPS, NONNEGATIVE, PROBABILITY, SEED, Range,
                                   check_bool, check_fields, check_str, option)
 
-from . import common
+from . import common, ddil
+from .ddil import SOURCES, teacher_rollout, teacher_rollout_grid  # noqa: F401 (the rollout code's public names)
 from .discriminator import Discriminator, d_loss, g_loss
 
 MAX_STUDENT_STEPS = 4
@@ -133,28 +134,8 @@ class DistillConfig:
         self.priors()                  # raises on priors that do not make a distribution
 
     def priors(self) -> tuple[float, float, float]:
-        """(beta_fwd, beta_teacher, beta_student) the run samples its states with.
-
-        Validated, not normalised: priors that do not sum to 1 are a mistake to
-        report, not to guess at. ``backward=False`` is forward distillation
-        (1, 0, 0); ``fwd_share`` = p, from configs before DDIL's priors, means
-        (p, 0, 1 - p), so their runs resume as they ran."""
-        if not self.backward:
-            if self.beta_teacher or self.beta_student:
-                raise ValueError("distill: --no-backward is forward distillation (beta_fwd = 1); it takes no "
-                                 "--beta-teacher or --beta-student")
-            return 1.0, 0.0, 0.0
-        fwd = self.beta_fwd
-        if self.fwd_share:
-            if fwd and fwd != self.fwd_share:
-                raise ValueError(f"distill: fwd_share {self.fwd_share!r} is the older name of beta_fwd, which is "
-                                 f"{fwd!r}; give one of them")
-            fwd = self.fwd_share
-        student = 1.0 - fwd - self.beta_teacher if self.beta_student is None else self.beta_student
-        if student < -1e-9 or abs(fwd + self.beta_teacher + student - 1.0) > 1e-6:
-            raise ValueError(f"distill: the DDIL priors beta_fwd {fwd!r}, beta_teacher {self.beta_teacher!r}, "
-                             f"beta_student {self.beta_student!r} must sum to 1")
-        return fwd, self.beta_teacher, max(student, 0.0)
+        """(beta_fwd, beta_teacher, beta_student) the run samples its states with (``ddil.priors``)."""
+        return ddil.priors(self)
 
 
 # every number DistillConfig holds and the values it may take (the CLI flags parse with these too)
@@ -181,30 +162,6 @@ def rollout(student: Denoiser, plan: StepPlan, i: int, x_T: torch.Tensor, labels
             clip: float = 0.0) -> torch.Tensor:
     """x at plan.grid[i] after i student steps from x_T (the plan says where noise correction applies)."""
     return run_plan(student, plan, x_T, labels, stop=i, clip=clip)[0]
-
-
-SOURCES = ("fwd", "teacher", "student")      # DDIL's state sources, in the order of the priors
-
-
-def teacher_rollout_grid(grid: list[int], i: int, substeps: int) -> list[int]:
-    """The teacher's rollout grid from grid[0] = T down to grid[i]: ``substeps``
-    evenly spaced DDIM steps inside each student interval, ending at grid[i]."""
-    out = []
-    for j in range(i):
-        hi, lo = grid[j], grid[j + 1]
-        out += [round(hi - (hi - lo) * k / substeps) for k in range(substeps)]
-    return out + [grid[i]]
-
-
-@torch.no_grad()
-def teacher_rollout(teacher: Denoiser, sched: NoiseSchedule, grid: list[int], i: int, substeps: int,
-                    x_T: torch.Tensor, labels: torch.Tensor, *, guidance: float, noise_correction: bool,
-                    clip: float = 0.0) -> torch.Tensor:
-    """x at grid[i] from the teacher's own sampler: DDIM with CFG from x_T, noise-corrected at
-    t = T like the student's rollouts, on ``teacher_rollout_grid`` (DDIL's teacher-induced states)."""
-    fine = teacher_rollout_grid(grid, i, substeps)
-    plan = StepPlan.build(sched, grid=fine, noise_correction=noise_correction)
-    return run_plan(teacher, plan, x_T, labels, stop=len(fine) - 1, guidance=guidance, clip=clip)[0]
 
 
 class Distiller:
@@ -276,16 +233,8 @@ class Distiller:
         return self._real[0][idx], self._real[1][idx]
 
     def choose_source(self) -> str:
-        """One batch's state source, drawn from the shared generator with the priors.
-        No draw when one source has all the mass: the random stream of a run
-        without DDIL, or of an older ``fwd_share`` run, is what it was."""
-        live = [p for p in self.priors if p > 0]
-        if len(live) == 1:
-            return SOURCES[next(k for k, p in enumerate(self.priors) if p > 0)]
-        u = float(torch.rand(1, generator=self.shared))
-        if u < self.priors[0]:
-            return "fwd"
-        return "teacher" if u < self.priors[0] + self.priors[1] else "student"
+        """One batch's state source (``ddil.choose_source``, from the generator all ranks share)."""
+        return ddil.choose_source(self.priors, self.shared)
 
     def student_state(self, b: int):
         """(x_t, t, labels, i, source) for one batch: steps 1-2, ``source`` one of ``SOURCES``."""
