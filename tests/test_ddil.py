@@ -15,7 +15,6 @@ import flashcore.plan
 from flashcore import cli
 from flashcore.cli_checks import sampling_clip
 from flashcore.models import Denoiser, save_pretrained
-from flashcore.plan import StepPlan
 from flashcore.sampler import run_plan, sample
 from flashcore.train import distill as D
 from flashcore.train.distill import DistillConfig, Distiller, distill, teacher_rollout, teacher_rollout_grid
