@@ -32,7 +32,7 @@ import sys
 from .cli_checks import (HelpFormatter, UsageError, build_config, check_memory, check_resume, check_steps,
                          command_flags, config_flag, config_flags, data_name, distill_memory, given_config,
                          image_shape, model_width, one_line, out_dir, out_file, peek_meta, read_config_file,
-                         sample_bytes, sampling_setup, save_result, train_bytes)
+                         sample_bytes, sampling_clip, sampling_setup, save_result, train_bytes)
 from .validation import COUNT, MAX_TIMESTEPS, SEED, Range
 
 _ROOT = os.environ.get("FLASHCORE_HOME", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -186,6 +186,9 @@ def _add_sampling_flags(p):
     p.add_argument("--noise-correction", action=argparse.BooleanOptionalAction, default=None,
                    help="noise correction at t = T (default: as the checkpoint says: a student as it was "
                         "distilled, a teacher on)")
+    p.add_argument("--clip", type=_clip, default=None,
+                   help="clamp x0 to [-clip, clip] at every step (default: the checkpoint's own, a DDIL student's "
+                        "reflection; else 0: off)")
     _add_engine_flags(p)
 
 
@@ -204,7 +207,6 @@ def _add_eval(sub):
     p.add_argument("--samples", type=_samples, default=1000,
                    help="images to sample and score, classes in turn (at least 2)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the sampling noise and of the FD floor's subset")
-    p.add_argument("--clip", type=_clip, default=0.0, help="clamp x0 to [-clip, clip] at every step (0: off)")
     p.add_argument("--json", type=out_file, default=None,
                    help="also write the result as JSON here (checked writable before the run; default: none)")
     _add_sampling_flags(p)
@@ -222,7 +224,8 @@ def cmd_eval(a) -> int:
                      f"{a.samples} images to sample and score")
     try:
         r = evaluate(a.model, a.features, steps=steps, guidance=a.cfg, samples=a.samples, seed=a.seed, k=a.k,
-                     noise_correction=nc, clip=a.clip, progress=True, refuse_validation_space=True,
+                     noise_correction=nc, clip=sampling_clip(meta, a.clip), progress=True,
+                     refuse_validation_space=True,
                      **_engine_kwargs(a))
     except (torch.linalg.LinAlgError, np.linalg.LinAlgError) as e:
         # the FD's matrix square root fails on non-finite features: the samples were NaN or inf
@@ -262,7 +265,7 @@ def cmd_generate(a) -> int:
     guidance = a.cfg if a.cfg is not None else float(meta.get("guidance") or 1.0)
     labels = torch.arange(model.cfg.num_classes).repeat_interleave(a.per_class)
     x, secs = generate(model, meta, labels, steps=steps, guidance=guidance, noise_correction=nc, seed=a.seed,
-                       **_engine_kwargs(a))
+                       clip=sampling_clip(meta, a.clip), **_engine_kwargs(a))
     save_png(grid(x, nrow=a.per_class), a.out, scale=2)
     print(f"{len(labels)} images, {steps} steps, cfg {guidance}: {secs:.2f} s "
           f"({1000 * secs / len(labels):.1f} ms/image) -> {a.out}")
@@ -322,10 +325,11 @@ def cmd_demo(a) -> int:
     rows, times = [], []
     for model, meta, steps, g, name in runs:
         nc = bool(meta.get("noise_correction", True))
-        generate(model, meta, labels[:1], steps=1, guidance=g, noise_correction=nc, seed=a.seed,
+        clip = sampling_clip(meta, None)
+        generate(model, meta, labels[:1], steps=1, guidance=g, noise_correction=nc, seed=a.seed, clip=clip,
                  device=device)                                                                   # warm-up
         x, secs = generate(model, meta, labels, steps=steps, guidance=g, noise_correction=nc, seed=a.seed,
-                           device=device)
+                           clip=clip, device=device)
         ms = 1000 * secs / len(labels)
         nfe = steps * (2 if g != 1.0 else 1)
         times.append(ms)

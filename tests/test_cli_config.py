@@ -68,3 +68,25 @@ def test_bad_config_files_are_usage_errors(tmp_path, capsys, text, expect):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert expect in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag, expect", [([], 1.0), (["--clip", "0"], 0.0), (["--clip", "0.5"], 0.5)])
+def test_generate_samples_a_student_with_its_saved_clip(tmp_path, monkeypatch, flag, expect):
+    """A DDIL student distilled with reflection carries clip in config.json; generate
+    uses it unless --clip says otherwise."""
+    import flashcore.evaluate as ev
+    torch.manual_seed(0)
+    student = str(tmp_path / "student")
+    save_pretrained(Denoiser(TINY_UNET), student, {"kind": "student", "guidance": None, "data": "digits",
+                                                   "steps": 2, "grid": [999, 499], "noise_correction": True,
+                                                   "clip": 1.0, "schedule": {"kind": "scaled_linear"}})
+    seen = {}
+    real = ev.generate
+
+    def spy(*args, **kw):
+        seen["clip"] = kw["clip"]
+        return real(*args, **kw)
+    monkeypatch.setattr(ev, "generate", spy)
+    assert cli.main(["generate", "--model", student, "--per-class", "1", "--out", str(tmp_path / "g.png"),
+                     "--device", "cpu"] + flag) == 0
+    assert seen["clip"] == expect

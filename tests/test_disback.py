@@ -55,6 +55,7 @@ def rows(path):
     return [r.split(",")[:-1] for r in open(path).read().splitlines()[1:]]
 
 
+@pytest.mark.slow    # 25-35 s on a loaded 2-core machine: in make test-slow
 def test_degradation_path_moves_from_the_teacher_to_the_initial_generator(teacher, tmp_path):
     """Fixed batches, fixed noise and times: along s_0 (teacher) .. s_3 the diffusion loss
     falls on the initial generator's samples and rises on real digits."""
@@ -83,6 +84,7 @@ def test_degradation_path_moves_from_the_teacher_to_the_initial_generator(teache
     assert meta["disback_path"] == {"index": 2, "checkpoints": 3, "degradation_iters": 6}
 
 
+@pytest.mark.slow    # 25-35 s on a loaded 2-core machine: in make test-slow
 def test_fake_model_trains_only_on_generator_samples(teacher, tmp_path, monkeypatch):
     monkeypatch.setattr(fdata, "load", lambda *a, **k: pytest.fail("DisBack loaded a data set"))
     trainers, made, seen = [], [], []

@@ -99,6 +99,12 @@ class DisBackConfig:
     bf16: bool = True
     sample_every_checkpoint: bool = True
 
+    @property
+    def clip(self) -> float:
+        """DisBack does not threshold x0 (DDIL's reflection is distill's): its students
+        sample unclamped, and distill's export, sample grids and validator read 0 here."""
+        return 0.0
+
     def __post_init__(self):
         if isinstance(self.steps, bool) or self.steps not in range(1, MAX_STUDENT_STEPS + 1):
             raise ValueError(f"disback: --steps must be 1..{MAX_STUDENT_STEPS} (a trailing grid), got {self.steps!r}")
@@ -286,7 +292,7 @@ class DisBackTrainer:
 def _validator_view(cfg: DisBackConfig) -> SimpleNamespace:
     """What distill's Validator reads from a config (DisBack does not clamp x0)."""
     return SimpleNamespace(classifier=cfg.classifier, val_samples=cfg.val_samples, steps=cfg.steps,
-                           noise_correction=cfg.noise_correction, clip=0.0)
+                           noise_correction=cfg.noise_correction, clip=cfg.clip)
 
 
 def disback(cfg: DisBackConfig, run_dir: str, resume: bool = False, progress: bool = True,
