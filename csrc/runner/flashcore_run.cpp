@@ -1,7 +1,7 @@
 // flashcore-run: sample images from an exported flashcore sampler (a .pt2 package
 // written by `flashcore export --format pt2`) without Python.
 //
-//   flashcore-run student.pt2 --labels 0,1,2 --seed 0 --out grid.png [--runs N] [--raw x0.f32]
+//   flashcore-run student.pt2 --labels 0,1,2 --seed 0 --out grid.png [--runs N] [--threads N] [--raw x0.f32]
 //
 // The package maps (x_T (B, C, H, W) float32, labels (B,) int64) -> x0. The noise is
 // drawn here with at::randn on the CPU generator seeded by --seed, the draw
@@ -10,10 +10,11 @@
 // by libflashcore_C.so, linked into this binary (docs/deploy.md).
 //
 // Prints the time to the first image (from the start of main: loading the package
-// included), the per-image latency of --runs further calls, and whether a libpython
+// included), the per-image latency of --runs further calls, its peak RSS, and whether a libpython
 // is mapped into this process (it must not be). Any failure: one line
 // "flashcore-run: error: ..." and exit status 1; a malformed command line: exit 2.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
 #include <algorithm>
@@ -46,6 +47,7 @@ struct Args {
   std::vector<int64_t> labels;
   uint64_t seed = 0;
   int runs = 5;
+  int threads = 0;   // 0: libtorch's default (OMP_NUM_THREADS, else the cores)
 };
 
 int64_t parse_int(const std::string& s, const std::string& what) {
@@ -86,6 +88,9 @@ Args parse(int argc, char** argv) {
       a.seed = static_cast<uint64_t>(s);
     } else if (k == "--out") {
       a.out = value();
+    } else if (k == "--threads") {
+      a.threads = static_cast<int>(parse_int(value(), "--threads"));
+      if (a.threads < 1) throw Usage("--threads must be >= 1");
     } else if (k == "--raw") {
       a.raw = value();
     } else if (k == "--runs") {
@@ -120,6 +125,16 @@ std::string libpython_mapped() {
   return "";
 }
 
+// this process's peak resident set (VmHWM) in MiB: the exec'd image's own, unlike a
+// parent's wait4 figure, which on Linux keeps the forking parent's high-water mark
+double peak_rss_mib() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  return -1;
+}
+
 int64_t meta_int(const std::unordered_map<std::string, std::string>& meta, const std::string& key,
                  const std::string& artifact) {
   auto it = meta.find("flashcore." + key);
@@ -146,6 +161,7 @@ std::vector<uint8_t> grid(const at::Tensor& x0, int& width, int& height) {
 
 int run(const Args& a, Clock::time_point start) {
   if (!std::ifstream(a.artifact).good()) throw Failure("cannot read " + a.artifact);
+  if (a.threads > 0) at::set_num_threads(a.threads);
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader;
   try {
     loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(a.artifact);
@@ -203,6 +219,7 @@ int run(const Args& a, Clock::time_point start) {
     std::printf("per image: %.2f ms (median of %zu calls at batch %lld: %.2f ms a call)\n", med / b, ms.size(),
                 (long long)b, med);
   }
+  std::printf("peak RSS: %.0f MiB\n", peak_rss_mib());
   const std::string py = libpython_mapped();
   std::printf("libpython: %s\n", py.empty() ? "not loaded" : ("LOADED " + py).c_str());
   return 0;
@@ -217,7 +234,7 @@ int main(int argc, char** argv) {
     a = parse(argc, argv);
   } catch (const Usage& e) {
     std::fprintf(stderr, "usage: flashcore-run ARTIFACT.pt2 --labels L1,L2,... [--seed S] [--out grid.png] "
-                         "[--runs N] [--raw x0.f32]\nflashcore-run: error: %s\n", e.what());
+                         "[--runs N] [--threads N] [--raw x0.f32]\nflashcore-run: error: %s\n", e.what());
     return 2;
   }
   try {
