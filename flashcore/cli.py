@@ -333,10 +333,11 @@ def cmd_demo(a) -> int:
         ms = 1000 * secs / len(labels)
         nfe = steps * (2 if g != 1.0 else 1)
         times.append(ms)
-        rows.append((f"{name}\n{nfe} NFE, {ms:.1f} ms/image", x))
+        rows.append((f"{name}\n{nfe} NFE, {ms:.1f} ms/image, {times[0] / ms:.1f}x the teacher's speed", x))
         print(f"{name:28s} {nfe:4d} NFE  {ms:8.1f} ms/image  ({times[0] / ms:5.1f}x the teacher's speed)",
               flush=True)
-    labelled_rows(rows, a.out, title=f"{len(labels)} images per row, same noise and labels; eager float32, "
+    labelled_rows(rows, a.out, title=f"Teacher against its distilled students: {len(labels)} images per row, "
+                                     f"same noise and labels; eager float32, "
                                      f"batch {len(labels)}, {torch.get_num_threads()} threads")
     print(f"-> {a.out}")
     return 0
