@@ -14,7 +14,7 @@ Formats:
   A C++ process that loads libflashcore_C.so runs it (csrc/runner/).
 - ``onnx``: torch.export, the flashcore ops rewritten to their PyTorch references,
   then the legacy TorchScript exporter on the resulting plain-ATen module: standard
-  ONNX ops only (onnxruntime, OpenVINO).
+  ONNX ops only (run here on onnxruntime).
 
 Why a rewrite at export and not C++-defined public ops: the public ``flashcore::``
 ops carry a ``backend`` argument and dispatch in Python across four backends; the
@@ -52,7 +52,7 @@ class ExportConfig:
     bf16: bool = False         # network weights and activations in bfloat16; the update stays float32
     noise_correction: bool | None = None   # None: the checkpoint's
     guidance: float | None = None          # None: the checkpoint's (1.0: a student)
-    clip: float = 0.0
+    clip: float | None = None              # None: the checkpoint's saved x0 clip (0: none)
 
 
 class SamplerModule(nn.Module):
@@ -98,13 +98,14 @@ def load_sampler(cfg: ExportConfig):
     schedule = NoiseSchedule(ScheduleConfig(**meta["schedule"]))
     nc = cfg.noise_correction if cfg.noise_correction is not None else bool(meta.get("noise_correction", True))
     guidance = cfg.guidance if cfg.guidance is not None else float(meta.get("guidance") or 1.0)
+    clip = cfg.clip if cfg.clip is not None else float(meta.get("clip") or 0.0)
     plan = StepPlan.build(schedule, steps, noise_correction=nc)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     model = model.to(dtype).requires_grad_(False)     # weights traced as constants (ONNX)
-    mod = SamplerModule(model, plan, guidance=guidance, clip=cfg.clip, net_dtype=dtype).eval()
+    mod = SamplerModule(model, plan, guidance=guidance, clip=clip, net_dtype=dtype).eval()
     c, s = model.cfg.channels, model.cfg.sample_size
     info = {"batch": cfg.batch, "channels": c, "height": s, "width": s, "num_classes": model.cfg.num_classes,
-            "steps": steps, "grid": list(plan.grid), "guidance": guidance, "noise_correction": nc,
+            "steps": steps, "grid": list(plan.grid), "guidance": guidance, "noise_correction": nc, "clip": clip,
             "dtype": "bfloat16" if cfg.bf16 else "float32"}
     return mod, info
 

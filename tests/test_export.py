@@ -7,16 +7,14 @@ stays below 1e-4 (measured 3.7e-6 for ONNX; docs/deploy.md). 8-bit images may th
 differ by one level where a value sits on a rounding edge.
 """
 import os
-import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from _fixtures import TINY_DIT
-from flashcore.export import ExportConfig, SamplerModule, export_program, export_sampler, load_sampler
+from flashcore.export import ExportConfig, SamplerModule, export_program, export_sampler
 from flashcore.models import Denoiser
 from flashcore.plan import StepPlan
 from flashcore.sampler import sample
@@ -78,15 +76,12 @@ def test_export_refuses_bad_requests(tmp_path):
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
     """The shipped 3-step student's sampler at batch 2 and its reference output."""
-    cfg = ExportConfig(model=STUDENT, out="", batch=2)
-    mod, info = load_sampler(cfg)
+    from flashcore.models import load_pretrained
+    from flashcore.schedule import ScheduleConfig
+    model, meta = load_pretrained(STUDENT)
     torch.manual_seed(0)
     x_T = torch.randn(2, 1, 28, 28)          # what flashcore-run draws for --seed 0
     labels = torch.tensor([3, 7])
-    model = mod.model
-    from flashcore.models import load_pretrained
-    _, meta = load_pretrained(STUDENT)
-    from flashcore.schedule import ScheduleConfig
     ref = sample(model, labels, schedule=NoiseSchedule(ScheduleConfig(**meta["schedule"])), steps=3,
                  shape=(1, 28, 28), x_T=x_T)
     return tmp_path_factory.mktemp("export"), x_T, labels, ref
