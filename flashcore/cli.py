@@ -1,5 +1,5 @@
-"""``flashcore`` command line: train-teacher, train-classifier, eval, generate, demo, distill, ablate, bench,
-export-pipeline.
+"""``flashcore`` command line: train-teacher, train-classifier, eval, generate, demo, distill, disback,
+ablate, export, export-pipeline, bench.
 
 Exit codes:
 
@@ -25,19 +25,17 @@ it was distilled for) are one ``flashcore: warning: ...`` line on stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
-from .cli_checks import (HelpFormatter, UsageError, build_config, check_memory, check_resume, check_steps,
-                         command_flags, config_flag, config_flags, data_name, distill_memory, given_config,
-                         image_shape, model_width, one_line, out_dir, out_file, peek_meta, read_config_file,
-                         sample_bytes, sampling_clip, sampling_setup, save_result, train_bytes)
+from .cli_checks import (DEFAULT_TEACHER, HelpFormatter, UsageError, build_config, check_memory, check_resume,
+                         check_steps, config_flag, data_name, image_shape, model_width, one_line, out_dir, out_file,
+                         peek_meta, sample_bytes, sampling_clip, sampling_setup, save_result, train_bytes)
+from .cli_checks import ROOT as _ROOT, SAMPLES as _samples
+from .cli_checks import add_device_flag as _add_device_flag, command as _command, device_of as _device
+from .cli_distill import DISTILL_COMMANDS
 from .validation import COUNT, MAX_TIMESTEPS, SEED, Range
 
-_ROOT = os.environ.get("FLASHCORE_HOME", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEFAULT_TEACHER = os.path.join(_ROOT, "checkpoints", "mnist-teacher")
-DEFAULT_CLASSIFIER = os.path.join(_ROOT, "checkpoints", "mnist-classifier")
 DEFAULT_GENERATE_TEACHER_STEPS = 50
 
 _positive = COUNT.parse
@@ -46,20 +44,6 @@ _sampler_steps = Range(int, 1, MAX_TIMESTEPS).parse     # the model's schedule b
 _guidance = Range(float, 0, 100).parse
 _clip = Range(float, 0, 100).parse
 _per_class = COUNT.parse                                # this machine's memory bounds it further
-_samples = Range(int, 2, COUNT.hi).parse                # an FD needs a covariance: two samples at least
-
-
-def _add_device_flag(p):
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda or cuda:N; auto: cuda when a GPU is visible, else cpu")
-
-
-def _device(a):
-    from flashcore.devices import resolve_device
-    try:
-        return resolve_device(a.device)
-    except ValueError as e:
-        raise UsageError(f"--device: {e}") from None
 
 
 def _add_engine_flags(p):
@@ -151,7 +135,8 @@ def cmd_train_teacher(a) -> int:
 
 
 def _add_train_classifier(sub):
-    p = _command(sub, "train-classifier", "train the metric classifier (FD features, accuracy)")
+    p = _command(sub, "train-classifier", "train a feature network: the validation classifier (--arch cnn) "
+                                          "or one of eval's headline feature spaces (bncnn, mlp)")
     p.add_argument("--out", required=True, type=out_dir, help="directory for the classifier (weights, config.json)")
     p.add_argument("--data", type=data_name, default="mnist", help="data set: mnist, digits or folder:PATH")
     t = ("classifier", "ClassifierTrainConfig", "CLASSIFIER_RANGES")
@@ -343,100 +328,6 @@ def cmd_demo(a) -> int:
     return 0
 
 
-def _distill_flags(p, ablations: bool = True):
-    """distill's flags, derived from DistillConfig's ``option`` fields (flag, help, default, range)."""
-    from flashcore.train.distill import DistillConfig
-    p.add_argument("--config", default=None,
-                   help="a JSON or YAML file of DistillConfig fields; flags given as well override it")
-    p.add_argument("--out", required=True, type=out_dir, help="run directory")
-    config_flags(p, DistillConfig, "distill", "DISTILL_RANGES",
-                 skip=() if ablations else ("backward", "srl", "noise_correction", "adversarial"))
-
-
-def _distill_config(a, saved: dict | None = None):
-    """defaults < the run's saved config (--resume) < --config FILE < flags."""
-    from flashcore.train.distill import DistillConfig
-    base = {"teacher": DEFAULT_TEACHER, "classifier": DEFAULT_CLASSIFIER}
-    if saved:
-        base.update(teacher=saved.get("teacher", DEFAULT_TEACHER))
-    if a.config:
-        base.update(read_config_file(a.config, DistillConfig))
-    base.update({k: v for k, (_, v) in given_config(a, DistillConfig).items()})
-    return build_config(lambda: DistillConfig(**base))
-
-
-def _distill_command_flags(cfg) -> list[str]:
-    """The distill flags that give ``cfg`` (teacher, steps, iters, seed always; the rest if not default)."""
-    return command_flags(cfg, always=("teacher", "steps", "iters", "seed"))
-
-
-def _print_config(cfg) -> None:
-    import dataclasses
-    print("config: " + json.dumps(dataclasses.asdict(cfg), sort_keys=True), flush=True)
-
-
-def _add_distill(sub):
-    p = _command(sub, "distill", "Imagine Flash: distil a teacher into a 1-4 step student "
-                                 "(under torchrun: DDP over the processes)")
-    _distill_flags(p)
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out exactly (only --iters may differ from the run's settings)")
-    _add_device_flag(p)
-    return p
-
-
-def cmd_distill(a) -> int:
-    from flashcore.train import common
-    from flashcore.train.distill import distill
-    from flashcore.train.distill import DistillConfig
-    saved = None
-    if a.resume and common.has_state(a.out):
-        saved = common.saved_config(a.out)
-        given = {k: v for k, v in given_config(a, DistillConfig).items() if k != "iters"}
-        if a.config:
-            given.update({k: ("--config " + a.config, v)
-                          for k, v in read_config_file(a.config, DistillConfig).items() if k != "iters"})
-        check_resume(a.out, saved, given, "distill")
-        cfg = build_config(lambda: DistillConfig(**{**saved, **({"iters": a.iters} if a.iters else {})}))
-    else:
-        cfg = _distill_config(a)
-        distill_memory(cfg, cfg.val_samples if cfg.val_every else None)
-    _print_config(cfg)
-    out = distill(cfg, a.out, resume=a.resume, device=_device(a))
-    print(f"student saved to {out}")
-    return 0
-
-
-def _add_ablate(sub):
-    p = _command(sub, "ablate", "the full method against each ablation and forward distillation, "
-                                "same budget and seed: a table and a picture")
-    _distill_flags(p, ablations=False)
-    p.add_argument("--samples", type=_samples, default=1000, help="samples per flashcore eval")
-    p.add_argument("--variants", default=None, help="comma list (default: all): full,forward,no-srl,"
-                                                    "no-noise-correction,no-adversarial")
-    p.add_argument("--features", nargs="+", default=None, metavar="DIR",
-                   help="feature networks of the evals (default: eval's headline spaces, which are MNIST's)")
-    _add_device_flag(p)
-    return p
-
-
-def cmd_ablate(a) -> int:
-    from flashcore.train.ablate import ablate
-    cfg = _distill_config(a)
-    distill_memory(cfg, max(a.samples, cfg.val_samples if cfg.val_every else 0))
-    _print_config(cfg)
-    command = " ".join(["flashcore ablate"] + _distill_command_flags(cfg) + ["--out", a.out, "--samples", str(a.samples)]
-                       + (["--variants", a.variants] if a.variants else [])
-                       + (["--features", *a.features] if a.features else []))
-    res = ablate(cfg, a.out, cfg.classifier, samples=a.samples,
-                 variants=a.variants.split(",") if a.variants else None, flags_of=_distill_command_flags,
-                 command=command, device=_device(a), features=a.features)
-    print(open(os.path.join(a.out, "ablation.md")).read())
-    print(f"table: {os.path.join(a.out, 'ablation.md')}, picture: {os.path.join(a.out, 'ablation.png')}, "
-          f"{len(res['rows'])} rows")
-    return 0
-
-
 def _add_bench(sub):
     p = sub.add_parser("bench", help="benchmarks: kernels, one sampler step, end-to-end image latency")
     p.add_argument("--suite", choices=("kernels", "step", "e2e", "all"), default="all")
@@ -483,45 +374,6 @@ def cmd_export_pipeline(a) -> int:
     return 0
 
 
-def _add_disback(sub):
-    from flashcore.train.disback import DisBackConfig
-    p = _command(sub, "disback", "DisBack: record a degradation path from the teacher to the untrained "
-                                 "generator, then distil a 1-4 step student back along it to the teacher "
-                                 "(docs/disback.md; under torchrun: DDP over the processes)")
-    p.add_argument("--config", default=None,
-                   help="a JSON or YAML file of DisBackConfig fields; flags given as well override it")
-    p.add_argument("--out", required=True, type=out_dir, help="run directory (path/, state/, student/, logs)")
-    config_flags(p, DisBackConfig, "disback", "DISBACK_RANGES")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out exactly, in either stage (only --iters may differ)")
-    _add_device_flag(p)
-    return p
-
-
-def cmd_disback(a) -> int:
-    from flashcore.train import common
-    from flashcore.train.disback import DisBackConfig, disback
-    if a.resume and common.has_state(a.out):
-        saved = common.saved_config(a.out)
-        given = {k: v for k, v in given_config(a, DisBackConfig).items() if k != "iters"}
-        if a.config:
-            given.update({k: ("--config " + a.config, v)
-                          for k, v in read_config_file(a.config, DisBackConfig).items() if k != "iters"})
-        check_resume(a.out, saved, given, "disback")
-        cfg = build_config(lambda: DisBackConfig(**{**saved, **({"iters": a.iters} if a.iters else {})}))
-    else:        # defaults < --config FILE < flags
-        base = {"teacher": DEFAULT_TEACHER, "classifier": DEFAULT_CLASSIFIER}
-        if a.config:
-            base.update(read_config_file(a.config, DisBackConfig))
-        base.update({k: v for k, (_, v) in given_config(a, DisBackConfig).items()})
-        cfg = build_config(lambda: DisBackConfig(**base))
-        distill_memory(cfg, cfg.val_samples if cfg.val_every else None)
-    _print_config(cfg)
-    out = disback(cfg, a.out, resume=a.resume, device=_device(a))
-    print(f"student saved to {out}")
-    return 0
-
-
 def _add_export(sub):
     p = _command(sub, "export", "export a whole few-step sampler (every network call and update; x_T and labels "
                                 "in, x0 out) as one Python-free artifact: an AOTInductor .pt2 package for the "
@@ -557,11 +409,9 @@ COMMANDS = {
     "eval": (_add_eval, cmd_eval),
     "generate": (_add_generate, cmd_generate),
     "demo": (_add_demo, cmd_demo),
-    "distill": (_add_distill, cmd_distill),
-    "ablate": (_add_ablate, cmd_ablate),
+    **DISTILL_COMMANDS,
     "bench": (_add_bench, cmd_bench),
     "export-pipeline": (_add_export_pipeline, cmd_export_pipeline),
-    "disback": (_add_disback, cmd_disback),
     "export": (_add_export, cmd_export),
 }
 
@@ -574,12 +424,8 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kw)
 
 
-def _command(sub, name: str, what: str):
-    return sub.add_parser(name, help=what, description=what)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="flashcore", description=__doc__.splitlines()[0].replace("``", ""),
+    ap = _Parser(prog="flashcore", description=__doc__.split("\n\n")[0].replace("``", "").replace("\n", " "),
                  epilog="Exit codes: 0 done, 2 usage error, 1 failed run (one 'flashcore: error:' line), "
                         "130 interrupted. FLASHCORE_DEBUG=1 shows tracebacks. '<command> --help' for its flags.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="command")

@@ -369,3 +369,37 @@ def read_config_file(path: str, cls) -> dict:
         raise UsageError(f"--config {path}: {unknown[0]!r} is not a {cls.__name__} field "
                          f"(fields: {', '.join(sorted(names))})")
     return obj
+
+
+# ---- shared by the command modules (cli.py, cli_distill.py) -----------------------------------
+
+ROOT = os.environ.get("FLASHCORE_HOME", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_TEACHER = os.path.join(ROOT, "checkpoints", "mnist-teacher")
+DEFAULT_CLASSIFIER = os.path.join(ROOT, "checkpoints", "mnist-classifier")
+
+
+def _samples(text: str) -> int:
+    from .validation import COUNT, Range
+    return Range(int, 2, COUNT.hi).parse(text)      # an FD needs a covariance: two samples at least
+
+
+SAMPLES = _samples
+
+
+def command(sub, name: str, what: str):
+    """A sub-command's parser: ``what`` is its one-line help and its description."""
+    return sub.add_parser(name, help=what, description=what)
+
+
+def add_device_flag(p):
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda or cuda:N; auto: cuda when a GPU is visible, else cpu")
+
+
+def device_of(a):
+    """The torch.device ``--device`` names; one that is not there is a usage error."""
+    from flashcore.devices import resolve_device
+    try:
+        return resolve_device(a.device)
+    except ValueError as e:
+        raise UsageError(f"--device: {e}") from None

@@ -5,7 +5,8 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ENTRY = {"flashcore/cli.py", "flashcore/cli_checks.py", "flashcore/cli_bench.py", "flashcore/__main__.py"}
+ENTRY = {"flashcore/cli.py", "flashcore/cli_checks.py", "flashcore/cli_bench.py", "flashcore/cli_distill.py",
+         "flashcore/__main__.py"}
 APPS = ("flashcore.train", "flashcore.cli", "flashcore.__main__")
 
 
