@@ -56,8 +56,8 @@ from flashcore.validation import (COUNT, DECAY, LR, MAX_TIMESTEPS, SEED, Range, 
 from . import common
 from .disback_path import (SWITCH_RULES, RawNet, dsm_loss, load_path_weights, save_path_checkpoint,
                            target_index, wrap_ddp)
-from .distill import (MAX_STUDENT_STEPS, VAL_SEED, Validator, _gather_generators, export, init_distributed,
-                      rollout, sample_grid)
+from .distill import (MAX_STUDENT_STEPS, BestStudent, _gather_generators, export, init_distributed, rollout,
+                      sample_grid)
 
 GRAD_CLIP = 10.0     # max gradient norm of every update (DMD2's and the released DisBack code's value)
 
@@ -395,30 +395,14 @@ def _backtrack(tr: DisBackTrainer, run_dir: str, it: int, resume: bool, stop, st
     log = common.LossLog(run_dir, it if resume else None) if lead else None
     if lead:
         log.set_header(["gap", "fake", "path_index"])
-    validator, val_log, best = None, None, float("inf")
-    if cfg.val_every and lead:
-        with torch.random.fork_rng(devices=[]):      # as load_path_weights: the classifier's construction
-            validator = Validator(_validator_view(cfg), tr.meta)
-        val_log = common.LossLog(run_dir, it if resume else None, "val.csv")
-        val_log.set_header(["fd", "accuracy", "washed"])
-        best = min([r["fd"] for r in val_log.rows()], default=float("inf"))
-
-    def validate(n: int) -> None:
-        nonlocal best
-        v = validator(tr.ema)
-        val_log.append(n, [v["fd"], v["accuracy"], v["washed"]])
-        bar.write(f"iter {n}: validation FD {v['fd']:.1f} accuracy {v['accuracy']:.3f} washed {v['washed']:.3f}"
-                  + ("  (best so far: exported to student/)" if v["fd"] < best else ""))
-        if v["fd"] < best:
-            best = v["fd"]
-            export(run_dir, tr, n, extra={"method": "disback", "validation": {
-                "iter": n, **v, "samples": cfg.val_samples, "seed": VAL_SEED, "reference": "train split"}})
+    best = BestStudent(cfg.val_every, _validator_view(cfg), tr.meta, run_dir, it if resume else None, lead,
+                       extra={"method": "disback"})
 
     def checkpoint(n: int) -> None:
         save("backtrack", n)
         if not lead:
             return
-        export(run_dir, tr, n, "student-last" if validator else "student", extra={"method": "disback"})
+        export(run_dir, tr, n, "student-last" if best.on else "student", extra={"method": "disback"})
         if cfg.sample_every_checkpoint:
             sample_grid(tr, os.path.join(run_dir, "samples", f"iter_{n:06d}.png"))
 
@@ -432,14 +416,14 @@ def _backtrack(tr: DisBackTrainer, run_dir: str, it: int, resume: bool, stop, st
                 log.append(it, [r["gap"], r["fake"], r["path_index"]])
             bar.update(1)
             bar.set_postfix(gap=f"{r['gap']:.4f}", fake=f"{r['fake']:.4f}", k=r["path_index"])
-            if validator and it % cfg.val_every == 0:
-                validate(it)
+            if best.due(it):
+                best(tr, it, bar.write)
             if it % cfg.checkpoint_every == 0 and it < cfg.iters:
                 checkpoint(it)
     finally:
         bar.close()
-    if validator and it % cfg.val_every and not os.path.exists(os.path.join(run_dir, "student")):
-        validate(it)
+    if best.missing(it):
+        best(tr, it, bar.write)
     checkpoint(it)
     if tr.world > 1:
         tdist.barrier()          # the files exist for every rank when it returns

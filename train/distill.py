@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
@@ -382,6 +382,41 @@ class Validator:
                 "washed": blank_and_washed(x)[1]}
 
 
+class BestStudent:
+    """Validation on rank 0 every ``every`` iterations: ``Validator``'s figures in
+    ``RUN/val.csv``, and the best EMA student so far exported to ``RUN/student/``.
+    Off (``self.on`` False) on other ranks or with ``every`` 0. Shared by distill and disback."""
+
+    def __init__(self, every: int, view, meta: dict, run_dir: str, resume_step: int | None, lead: bool,
+                 extra: dict | None = None):
+        self.every, self.view, self.run_dir, self.extra = every, view, run_dir, extra or {}
+        self.on, self.best = bool(every) and lead, float("inf")
+        if self.on:
+            # building the classifier draws from torch's global RNG: keep the run's stream as it was
+            with torch.random.fork_rng(devices=[]):
+                self.validator = Validator(view, meta)
+            self.log = common.LossLog(run_dir, resume_step, "val.csv")
+            self.log.set_header(["fd", "accuracy", "washed"])
+            self.best = min([r["fd"] for r in self.log.rows()], default=float("inf"))
+
+    def due(self, it: int) -> bool:
+        return self.on and it % self.every == 0
+
+    def missing(self, it: int) -> bool:
+        """At the end of a run: the last iteration was not validated and no student was exported."""
+        return self.on and it % self.every != 0 and not os.path.exists(os.path.join(self.run_dir, "student"))
+
+    def __call__(self, trainer, n: int, write) -> None:
+        v = self.validator(trainer.ema)
+        self.log.append(n, [v["fd"], v["accuracy"], v["washed"]])
+        write(f"iter {n}: validation FD {v['fd']:.1f} accuracy {v['accuracy']:.3f} washed {v['washed']:.3f}"
+              + ("  (best so far: exported to student/)" if v["fd"] < self.best else ""))
+        if v["fd"] < self.best:
+            self.best = v["fd"]
+            export(self.run_dir, trainer, n, extra={**self.extra, "validation": {
+                "iter": n, **v, "samples": self.view.val_samples, "seed": VAL_SEED, "reference": "train split"}})
+
+
 def export(run_dir: str, dist: Distiller, it: int, name: str = "student", extra: dict | None = None) -> str:
     cfg = dist.cfg
     out = os.path.join(run_dir, name)
@@ -463,23 +498,7 @@ def _distill(cfg: DistillConfig, run_dir: str, rank: int, world: int, resume: bo
         log.set_header(["srl", "adv", "d", "grid_index"])
         # the resolved config beside the checkpoints: `flashcore distill --config RUN/config.json` reruns it
         write_json(os.path.join(run_dir, "config.json"), dataclasses.asdict(cfg))
-    validator, val_log, best = None, None, float("inf")
-    if cfg.val_every and lead:
-        validator = Validator(cfg, dist.meta)
-        val_log = common.LossLog(run_dir, it if resume else None, "val.csv")
-        val_log.set_header(["fd", "accuracy", "washed"])
-        best = min([r["fd"] for r in val_log.rows()], default=float("inf"))
-
-    def validate(n: int) -> None:
-        nonlocal best
-        v = validator(dist.ema)
-        val_log.append(n, [v["fd"], v["accuracy"], v["washed"]])
-        bar.write(f"iter {n}: validation FD {v['fd']:.1f} accuracy {v['accuracy']:.3f} washed {v['washed']:.3f}"
-                  + ("  (best so far: exported to student/)" if v["fd"] < best else ""))
-        if v["fd"] < best:
-            best = v["fd"]
-            export(run_dir, dist, n, extra={"validation": {"iter": n, **v, "samples": cfg.val_samples,
-                                                           "seed": VAL_SEED, "reference": "train split"}})
+    best = BestStudent(cfg.val_every, cfg, dist.meta, run_dir, it if resume else None, lead)
 
     def checkpoint(n: int) -> None:
         gens = _gather_generators(dist)          # a collective: every rank takes part
@@ -487,7 +506,7 @@ def _distill(cfg: DistillConfig, run_dir: str, rank: int, world: int, resume: bo
             return
         common.save_state(run_dir, n, dist.modules(), dist.optimizers(), gens, cfg,
                           extra={"world_size": world})
-        export(run_dir, dist, n, "student-last" if validator else "student")
+        export(run_dir, dist, n, "student-last" if best.on else "student")
         if cfg.sample_every_checkpoint:
             sample_grid(dist, os.path.join(run_dir, "samples", f"iter_{n:06d}.png"))
 
@@ -509,15 +528,15 @@ def _distill(cfg: DistillConfig, run_dir: str, rank: int, world: int, resume: bo
                 log.append(it, [r["srl"], r["adv"], r["d"], r["i"]])
             bar.update(1)
             bar.set_postfix(srl=f"{r['srl']:.4f}", adv=f"{r['adv']:.3f}")
-            if validator and it % cfg.val_every == 0:
-                validate(it)
+            if best.due(it):
+                best(dist, it, bar.write)
             if it % cfg.checkpoint_every == 0 and it < end:
                 checkpoint(it)
     finally:
         bar.close()
         stop.restore()
-    if validator and it % cfg.val_every and not os.path.exists(os.path.join(run_dir, "student")):
-        validate(it)
+    if best.missing(it):
+        best(dist, it, bar.write)
     checkpoint(it)
     if world > 1:
         tdist.barrier()          # the files exist for every rank when it returns
