@@ -11,16 +11,7 @@ from flashcore import cli
 from flashcore.models import Denoiser, save_pretrained
 from flashcore.train.distill import DistillConfig
 
-from _fixtures import TINY_UNET
-
-
-@pytest.fixture
-def tiny_teacher(tmp_path):
-    torch.manual_seed(0)
-    path = str(tmp_path / "teacher")
-    save_pretrained(Denoiser(TINY_UNET), path, {"kind": "teacher", "guidance": 2.0, "data": "digits",
-                                                "schedule": {"kind": "scaled_linear"}})
-    return path
+from _fixtures import TINY_UNET, tiny_teacher  # noqa: F401  (fixture)
 
 
 def test_every_option_field_has_a_flag_and_help():

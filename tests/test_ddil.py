@@ -14,21 +14,12 @@ from safetensors.torch import load_file
 import flashcore.plan
 from flashcore import cli
 from flashcore.cli_checks import sampling_clip
-from flashcore.models import Denoiser, save_pretrained
+from flashcore.models import Denoiser
 from flashcore.sampler import run_plan, sample
 from flashcore.train import distill as D
 from flashcore.train.distill import DistillConfig, Distiller, distill, teacher_rollout, teacher_rollout_grid
 
-from _fixtures import TINY_UNET
-
-
-@pytest.fixture
-def tiny_teacher(tmp_path):
-    torch.manual_seed(0)
-    path = str(tmp_path / "teacher")
-    save_pretrained(Denoiser(TINY_UNET), path, {"kind": "teacher", "guidance": 2.0, "data": "digits",
-                                                "schedule": {"kind": "scaled_linear"}})
-    return path
+from _fixtures import tiny_teacher  # noqa: F401  (fixture)
 
 
 def cfg_for(teacher, **kw):

@@ -9,12 +9,12 @@ import torch
 
 from flashcore import devices
 from flashcore.engine import Engine
-from flashcore.models import Denoiser, save_pretrained
+from flashcore.models import Denoiser
 from flashcore.schedule import NoiseSchedule
 from flashcore.train import distill as distill_mod
 from flashcore.train.distill import DistillConfig, Distiller
 
-from _fixtures import TINY_UNET
+from _fixtures import TINY_UNET, tiny_teacher  # noqa: F401  (fixture)
 
 
 def test_resolve_device_rules(monkeypatch):
@@ -41,15 +41,6 @@ def test_backend_follows_the_device_not_the_machine(monkeypatch):
     monkeypatch.setattr(distill_mod.tdist, "get_world_size", lambda: 2)
     assert distill_mod.init_distributed(torch.device("cpu")) == (0, 2)
     assert seen == ["gloo"]
-
-
-@pytest.fixture
-def tiny_teacher(tmp_path):
-    torch.manual_seed(0)
-    path = str(tmp_path / "teacher")
-    save_pretrained(Denoiser(TINY_UNET), path, {"kind": "teacher", "guidance": 2.0, "data": "digits",
-                                                "schedule": {"kind": "scaled_linear"}})
-    return path
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])

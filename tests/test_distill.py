@@ -14,16 +14,7 @@ from flashcore.sampler import denoise_step
 from flashcore.plan import StepPlan
 from flashcore.train.distill import DistillConfig, Distiller, distill, rollout, teacher_grid
 
-from _fixtures import TINY_UNET
-
-
-@pytest.fixture
-def tiny_teacher(tmp_path):
-    torch.manual_seed(0)
-    path = str(tmp_path / "teacher")
-    save_pretrained(Denoiser(TINY_UNET), path, {"kind": "teacher", "guidance": 2.0, "data": "digits",
-                                                "schedule": {"kind": "scaled_linear"}})
-    return path
+from _fixtures import TINY_UNET, tiny_teacher  # noqa: F401  (fixture)
 
 
 def cfg_for(teacher, **kw):

@@ -18,7 +18,7 @@ from flashcore.metrics import ARCHS, Classifier, ClassifierConfig, class_diversi
     pixel_stats, save_classifier, user_images
 from flashcore.models import Denoiser, save_pretrained
 
-from _fixtures import TINY_UNET
+from _fixtures import TINY_UNET, tiny_teacher  # noqa: F401  (fixture)
 
 K = 5
 
@@ -190,15 +190,6 @@ def test_headline_spaces_are_independent_of_each_other_and_of_validation():
 
 
 # -- tiny models for the protocol tests ------------------------------------------------------------
-
-@pytest.fixture
-def tiny_teacher(tmp_path):
-    torch.manual_seed(0)
-    path = str(tmp_path / "teacher")
-    save_pretrained(Denoiser(TINY_UNET), path, {"kind": "teacher", "guidance": 2.0, "data": "digits",
-                                                "schedule": {"kind": "scaled_linear"}})
-    return path
-
 
 @pytest.fixture
 def tiny_features(tmp_path):
