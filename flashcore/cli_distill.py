@@ -22,16 +22,26 @@ def _distill_flags(p, ablations: bool = True):
                  skip=() if ablations else ("backward", "srl", "noise_correction", "adversarial"))
 
 
-def _distill_config(a, saved: dict | None = None):
-    """defaults < the run's saved config (--resume) < --config FILE < flags."""
-    from flashcore.train.distill import DistillConfig
+def _run_config(a, cls, what: str):
+    """The run's config: a new run takes defaults < --config FILE < flags; a resumed one
+    (``--resume`` on a folder with a checkpoint) takes the saved config, where only
+    ``--iters`` may differ (anything else given that differs is an error)."""
+    from flashcore.train import common
+    if getattr(a, "resume", False) and common.has_state(a.out):
+        saved = common.saved_config(a.out)
+        given = {k: v for k, v in given_config(a, cls).items() if k != "iters"}
+        if a.config:
+            given.update({k: ("--config " + a.config, v)
+                          for k, v in read_config_file(a.config, cls).items() if k != "iters"})
+        check_resume(a.out, saved, given, what)
+        return build_config(lambda: cls(**{**saved, **({"iters": a.iters} if a.iters else {})}))
     base = {"teacher": DEFAULT_TEACHER, "classifier": DEFAULT_CLASSIFIER}
-    if saved:
-        base.update(teacher=saved.get("teacher", DEFAULT_TEACHER))
     if a.config:
-        base.update(read_config_file(a.config, DistillConfig))
-    base.update({k: v for k, (_, v) in given_config(a, DistillConfig).items()})
-    return build_config(lambda: DistillConfig(**base))
+        base.update(read_config_file(a.config, cls))
+    base.update({k: v for k, (_, v) in given_config(a, cls).items()})
+    cfg = build_config(lambda: cls(**base))
+    distill_memory(cfg, cfg.val_samples if cfg.val_every else None)     # a resumed run keeps its sizes
+    return cfg
 
 
 def _distill_command_flags(cfg) -> list[str]:
@@ -55,21 +65,8 @@ def _add_distill(sub):
 
 
 def cmd_distill(a) -> int:
-    from flashcore.train import common
-    from flashcore.train.distill import distill
-    from flashcore.train.distill import DistillConfig
-    saved = None
-    if a.resume and common.has_state(a.out):
-        saved = common.saved_config(a.out)
-        given = {k: v for k, v in given_config(a, DistillConfig).items() if k != "iters"}
-        if a.config:
-            given.update({k: ("--config " + a.config, v)
-                          for k, v in read_config_file(a.config, DistillConfig).items() if k != "iters"})
-        check_resume(a.out, saved, given, "distill")
-        cfg = build_config(lambda: DistillConfig(**{**saved, **({"iters": a.iters} if a.iters else {})}))
-    else:
-        cfg = _distill_config(a)
-        distill_memory(cfg, cfg.val_samples if cfg.val_every else None)
+    from flashcore.train.distill import DistillConfig, distill
+    cfg = _run_config(a, DistillConfig, "distill")
     _print_config(cfg)
     out = distill(cfg, a.out, resume=a.resume, device=_device(a))
     print(f"student saved to {out}")
@@ -91,7 +88,8 @@ def _add_ablate(sub):
 
 def cmd_ablate(a) -> int:
     from flashcore.train.ablate import ablate
-    cfg = _distill_config(a)
+    from flashcore.train.distill import DistillConfig
+    cfg = _run_config(a, DistillConfig, "ablate")
     distill_memory(cfg, max(a.samples, cfg.val_samples if cfg.val_every else 0))
     _print_config(cfg)
     command = " ".join(["flashcore ablate"] + _distill_command_flags(cfg) + ["--out", a.out, "--samples", str(a.samples)]
@@ -122,23 +120,8 @@ def _add_disback(sub):
 
 
 def cmd_disback(a) -> int:
-    from flashcore.train import common
     from flashcore.train.disback import DisBackConfig, disback
-    if a.resume and common.has_state(a.out):
-        saved = common.saved_config(a.out)
-        given = {k: v for k, v in given_config(a, DisBackConfig).items() if k != "iters"}
-        if a.config:
-            given.update({k: ("--config " + a.config, v)
-                          for k, v in read_config_file(a.config, DisBackConfig).items() if k != "iters"})
-        check_resume(a.out, saved, given, "disback")
-        cfg = build_config(lambda: DisBackConfig(**{**saved, **({"iters": a.iters} if a.iters else {})}))
-    else:        # defaults < --config FILE < flags
-        base = {"teacher": DEFAULT_TEACHER, "classifier": DEFAULT_CLASSIFIER}
-        if a.config:
-            base.update(read_config_file(a.config, DisBackConfig))
-        base.update({k: v for k, (_, v) in given_config(a, DisBackConfig).items()})
-        cfg = build_config(lambda: DisBackConfig(**base))
-        distill_memory(cfg, cfg.val_samples if cfg.val_every else None)
+    cfg = _run_config(a, DisBackConfig, "disback")
     _print_config(cfg)
     out = disback(cfg, a.out, resume=a.resume, device=_device(a))
     print(f"student saved to {out}")
