@@ -1,0 +1,82 @@
+"""Tables of results/protocol-v2/*.json: every row's mean and spread over its
+sampling seeds (spread = half the range, max - min over seeds, so a difference
+smaller than the two rows' spreads together is noise). Writes summary.md next
+to this file and prints it.
+
+    python results/protocol-v2/summarize.py
+"""
+import collections
+import glob
+import json
+import os
+import statistics
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ORDER = ["teacher-50", "teacher-3", "student3-3", "teacher-2", "student3-2", "teacher-1", "student3-1",
+         "student1-1"]
+NAMES = {"teacher-50": "teacher, 50 CFG steps", "teacher-3": "teacher, 3 CFG steps",
+         "teacher-2": "teacher, 2 CFG steps", "teacher-1": "teacher, 1 CFG step",
+         "student3-3": "3-step student, 3 steps", "student3-2": "3-step student, 2 steps",
+         "student3-1": "3-step student, 1 step", "student1-1": "1-step student, 1 step"}
+
+
+def cell(vals, fmt):
+    if not vals:
+        return "-"
+    m = statistics.fmean(vals)
+    if len(vals) == 1:
+        return f"{m:{fmt}}"
+    return f"{m:{fmt}} ± {(max(vals) - min(vals)) / 2:{fmt}}"
+
+
+def main():
+    runs = collections.defaultdict(list)
+    for f in sorted(glob.glob(os.path.join(HERE, "*-s*.json"))):
+        runs[os.path.basename(f).rsplit("-s", 1)[0]].append(json.load(open(f)))
+    rows = [r for r in ORDER if r in runs]
+    first = runs[rows[0]][0]
+    spaces = list(first["feature_spaces"])
+    out = [f"# Shipped checkpoints under `flashcore eval`'s protocol", "",
+           f"{first['samples']} samples per run, sampling seeds as listed; mean ± half the range over seeds. "
+           "Images are the 8-bit ones `generate` writes. Feature spaces trained apart from the validation "
+           f"classifier (`{first['validation_space']['path']}`, which picked the students and is not reported). "
+           "Floors: a class-balanced real train subset of the same size against the eval split.", ""]
+    head = ["row", "NFE", "seeds"]
+    for s in spaces:
+        short = s.replace("mnist-features-", "")
+        head += [f"FD {short}", f"recall {short}", f"precision {short}", f"diversity {short}"]
+    head += ["accuracy", "mid-tone share", "stroke", "out of range"]
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    # the floor depends on the seed and the sample count only: one run per seed stands for all rows
+    by_seed = {r["seed"]: r for name in rows for r in runs[name]}
+    seeds = [by_seed[k] for k in sorted(by_seed)]
+    floor = ["real (floor)", "", ",".join(str(k) for k in sorted(by_seed))]
+    for s in spaces:
+        fs = [r["feature_spaces"][s] for r in seeds]
+        floor += [cell([f["fd_floor"] for f in fs], ".2f"), cell([f["recall_floor"] for f in fs], ".3f"),
+                  cell([f["precision_floor"] for f in fs], ".3f"), cell([f["diversity_floor"] for f in fs], ".2f")]
+    px = [r["pixels"] for r in seeds]
+    floor += [cell([r["accuracy_floor"] for r in seeds], ".3f"),
+              cell([p["midtone_share"]["real"] for p in px], ".3f"), cell([p["stroke"]["real"] for p in px], ".3f"),
+              "0"]
+    out.append("| " + " | ".join(floor) + " |")
+    for name in rows:
+        rs = runs[name]
+        line = [NAMES.get(name, name), str(rs[0]["nfe"]), ",".join(str(r["seed"]) for r in rs)]
+        for s in spaces:
+            fs = [r["feature_spaces"][s] for r in rs]
+            line += [cell([f["fd"] for f in fs], ".1f"), cell([f["recall"] for f in fs], ".3f"),
+                     cell([f["precision"] for f in fs], ".3f"), cell([f["diversity"] for f in fs], ".2f")]
+        line += [cell([r["accuracy"] for r in rs], ".3f"),
+                 cell([r["pixels"]["midtone_share"]["value"] for r in rs], ".3f"),
+                 cell([r["pixels"]["stroke"]["value"] for r in rs], ".3f"),
+                 cell([r["raw_out_of_range"] for r in rs], ".2f")]
+        out.append("| " + " | ".join(line) + " |")
+    text = "\n".join(out) + "\n"
+    with open(os.path.join(HERE, "summary.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
