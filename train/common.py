@@ -183,6 +183,29 @@ def _remove_created(created: list[str], run_dir: str) -> None:
             break
 
 
+class RankDraws:
+    """The random draws of a trainer spread over ``self.world`` processes (distill,
+    disback): a per-rank generator for per-sample draws and one that every rank
+    shares for batch-level draws (the same generator on one process), drawn on
+    the CPU and moved to ``self.device``, with the names checkpoints save them
+    under. Call ``init_draws`` once ``rank``, ``world`` and ``device`` are set."""
+
+    def init_draws(self, seed: int) -> None:
+        self.gen = torch.Generator().manual_seed(seed + 7919 * self.rank)
+        self.shared = self.gen if self.world == 1 else torch.Generator().manual_seed(seed + 104729)
+
+    def generators(self, rank: int | None = None) -> dict:
+        """Checkpoint names of this rank's generators (``rank``: name them as that rank's)."""
+        r = self.rank if rank is None else rank
+        g = {"data" if r == 0 else f"data_rank{r}": self.gen}
+        if self.world > 1:
+            g["shared"] = self.shared
+        return g
+
+    def _randn(self, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.gen).to(self.device)
+
+
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, parameter by parameter.

@@ -128,7 +128,7 @@ DISBACK_RANGES = {
 }
 
 
-class DisBackTrainer:
+class DisBackTrainer(common.RankDraws):
     """Holds every model of both stages and does one iteration of either; ``disback`` drives it."""
 
     def __init__(self, cfg: DisBackConfig, run_dir: str, rank: int = 0, world: int = 1,
@@ -166,9 +166,7 @@ class DisBackTrainer:
         self.student_fwd = wrap_ddp(self.student, self.device, world)
         self.aux_raw = wrap_ddp(RawNet(self.aux), self.device, world)
         self.fake_raw = wrap_ddp(RawNet(self.fake), self.device, world)
-        self.gen = torch.Generator().manual_seed(cfg.seed + 7919 * rank)       # per-sample draws
-        # batch-level draws (the rollout length), the same on every rank
-        self.shared = self.gen if world == 1 else torch.Generator().manual_seed(cfg.seed + 104729)
+        self.init_draws(cfg.seed)            # the shared generator draws the rollout length
 
     # -- state for checkpoints ---------------------------------------------------------------
     def modules(self, stage: str) -> dict:
@@ -179,18 +177,7 @@ class DisBackTrainer:
     def optimizers(self, stage: str) -> dict:
         return {"aux_opt": self.aux_opt} if stage == "path" else {"opt": self.opt, "fake_opt": self.fake_opt}
 
-    def generators(self, rank: int | None = None) -> dict:
-        """Checkpoint names of this rank's generators (``rank``: name them as that rank's)."""
-        r = self.rank if rank is None else rank
-        g = {"data" if r == 0 else f"data_rank{r}": self.gen}
-        if self.world > 1:
-            g["shared"] = self.shared
-        return g
-
     # -- draws and network calls -----------------------------------------------------------------
-    def _randn(self, shape) -> torch.Tensor:
-        return torch.randn(shape, generator=self.gen).to(self.device)
-
     def _times(self, b: int) -> torch.Tensor:
         return torch.randint(self.cfg.t_min, self.cfg.t_max + 1, (b,), generator=self.gen).to(self.device)
 

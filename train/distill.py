@@ -164,7 +164,7 @@ def rollout(student: Denoiser, plan: StepPlan, i: int, x_T: torch.Tensor, labels
     return run_plan(student, plan, x_T, labels, stop=i, clip=clip)[0]
 
 
-class Distiller:
+class Distiller(common.RankDraws):
     """Holds the models and does one iteration; ``distill`` drives it."""
 
     def __init__(self, cfg: DistillConfig, rank: int = 0, world: int = 1,
@@ -192,9 +192,7 @@ class Distiller:
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.disc = Discriminator(mc.channels, mc.num_classes).to(self.device)
         self.d_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.d_lr, betas=(0.5, 0.999))
-        self.gen = torch.Generator().manual_seed(cfg.seed + 7919 * rank)    # per-sample draws
-        # batch-level draws, the same on every rank (one process: the same generator)
-        self.shared = self.gen if world == 1 else torch.Generator().manual_seed(cfg.seed + 104729)
+        self.init_draws(cfg.seed)
         self.student_fwd = self.student
         if tdist.is_available() and tdist.is_initialized() and world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -213,17 +211,6 @@ class Distiller:
 
     def optimizers(self):
         return {"opt": self.opt, "d_opt": self.d_opt}
-
-    def generators(self, rank: int | None = None) -> dict:
-        """Checkpoint names of this rank's generators (``rank``: name them as that rank's)."""
-        r = self.rank if rank is None else rank
-        g = {"data" if r == 0 else f"data_rank{r}": self.gen}
-        if self.world > 1:
-            g["shared"] = self.shared
-        return g
-
-    def _randn(self, shape) -> torch.Tensor:
-        return torch.randn(shape, generator=self.gen).to(self.device)
 
     def _randint(self, lo: int, hi: int, n: int = 1) -> torch.Tensor:
         return torch.randint(lo, hi, (n,), generator=self.gen).to(self.device)
