@@ -228,6 +228,7 @@ def test_validation_reads_only_the_train_split_and_a_non_headline_space(tiny_tea
     v = Validator(cfg, meta)
     r = v(model)
     assert math.isfinite(r["fd"]) and seen and set(seen) == {"train"}
+    assert 0.0 <= r["recall"] <= 1.0 and len(v.f_recall_ref) == cfg.val_samples
     # the same instrumentation does see eval's reference: it could catch a validator that read it
     seen.clear()
     ev.evaluate(tiny_teacher, tiny_features, steps=1, samples=20)

@@ -46,10 +46,11 @@ import torch
 import torch.distributed as tdist
 
 from flashcore import data as fdata
+from flashcore import foreign
 from flashcore.checkpoint import portable_path, write_json
 from flashcore.images import grid as image_grid
 from flashcore.images import save_png
-from flashcore.models import Denoiser, load_pretrained, save_pretrained
+from flashcore.models import Denoiser
 from flashcore.ops import srl_loss, srl_renoise
 from flashcore.devices import autocast, dist_backend, resolve_device
 from flashcore.plan import StepPlan
@@ -70,7 +71,9 @@ class DistillConfig:
     """Every knob of a distillation run; the ``flashcore distill`` flags are derived
     from the ``option`` metadata here (flag and help), defaults and ranges included."""
     teacher: str = option("checkpoints/mnist-teacher", "--teacher",
-                          "teacher checkpoint directory (with --resume: the run's)")
+                          "teacher: a flashcore checkpoint, a diffusers pipeline folder or a model folder with "
+                          "its scheduler_config.json (with --resume: the run's)")
+    prompts: str = option("", "--prompts", "a text-conditioned teacher's training prompts: a text file, one a line")
     steps: int = option(3, "--steps", "the student's sampling steps (a trailing grid of 1-4)")
     iters: int = option(2000, "--iters", "distillation iterations (with --resume: the run's new end)")
     batch_size: int = option(64, "--batch-size", "images per iteration, split over the processes under torchrun")
@@ -175,7 +178,8 @@ class Distiller(common.RankDraws):
         self.local_batch = cfg.batch_size // world
         # every model and tensor of the run lives here; random draws come from CPU generators
         self.device = resolve_device(device)
-        teacher, meta = load_pretrained(cfg.teacher, kinds=("teacher",))
+        teacher, meta = foreign.load_model(cfg.teacher, kinds=("teacher",), prompts=cfg.prompts)
+        foreign.check_distill(cfg, meta)
         self.meta = meta
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.sched = NoiseSchedule(ScheduleConfig(**meta["schedule"]))
@@ -185,8 +189,7 @@ class Distiller(common.RankDraws):
         mc = teacher.cfg
         self.shape = (mc.channels, mc.sample_size, mc.sample_size)
         torch.manual_seed(cfg.seed)
-        self.student = Denoiser(mc, schedule=teacher.schedule).to(self.device)
-        self.student.load_state_dict(teacher.state_dict())
+        self.student = foreign.student_from(teacher, mc).to(self.device)
         self.student.train()
         self.ema = common.make_ema(self.student)
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -337,8 +340,12 @@ VAL_SEED = 1       # validation noise; `flashcore eval` uses seed 0 and the eval
 class Validator:
     """Model selection without the eval split: FD of the EMA student's samples
     (``val_samples``, seed ``VAL_SEED``) against the *train* split's classifier
-    features, plus accuracy and the washed-out share. The distillation loss does
-    not track quality (a collapsed student has a low loss), this does."""
+    features, plus accuracy, the washed-out share and k-NN recall (k = 5) against a
+    class-balanced train subset of the same size. The distillation loss does not
+    track quality (a collapsed student has a low loss), this does. The samples are
+    scored as ``flashcore generate`` saves them (clamped, 8 bits), like eval's.
+    Selection reads FD only; recall is logged so that val.csv gives FD- and
+    recall-against-iteration curves in a space no headline table reports."""
 
     def __init__(self, cfg: DistillConfig, meta: dict):
         from flashcore.evaluate import is_headline_space
@@ -352,21 +359,26 @@ class Validator:
                              f"{cmeta['data']!r}, the teacher on {meta['data']!r}; pass a classifier for "
                              f"that data (--classifier) or --val-every 0")
         self.cfg, self.meta = cfg, meta
-        x_tr, _ = fdata.split(fdata.load(meta["data"]), "train")
+        from flashcore.evaluate import _floor_subset
+        x_tr, y_tr = fdata.split(fdata.load(meta["data"]), "train")
         self.f_ref, _ = features_and_logits(self.clf, x_tr)
         self.labels = torch.arange(cfg.val_samples) % self.clf.cfg.num_classes
+        # recall compares sets of equal size (k-NN radii shrink as a set grows)
+        self.f_recall_ref = self.f_ref[_floor_subset(y_tr, self.labels, VAL_SEED)]
 
     @torch.no_grad()
     def __call__(self, model: Denoiser) -> dict:
         from flashcore.evaluate import generate
-        from flashcore.metrics import blank_and_washed, features_and_logits, frechet_distance
+        from flashcore.metrics import (blank_and_washed, features_and_logits, frechet_distance, manifold_metrics,
+                                       user_images)
         x, _ = generate(model, self.meta, self.labels, steps=self.cfg.steps, guidance=1.0,
                         noise_correction=self.cfg.noise_correction, clip=self.cfg.clip, seed=VAL_SEED)
-        x = x.cpu()                                   # the classifier stays on the CPU
+        x = user_images(x.cpu())                      # the classifier stays on the CPU
         f, logits = features_and_logits(self.clf, x)
         return {"fd": frechet_distance(f, self.f_ref),
                 "accuracy": float((logits.argmax(1) == self.labels).float().mean()),
-                "washed": blank_and_washed(x)[1]}
+                "washed": blank_and_washed(x)[1],
+                "recall": manifold_metrics(self.f_recall_ref, f)["recall"]}
 
 
 class BestStudent:
@@ -383,7 +395,7 @@ class BestStudent:
             with torch.random.fork_rng(devices=[]):
                 self.validator = Validator(view, meta)
             self.log = common.LossLog(run_dir, resume_step, "val.csv")
-            self.log.set_header(["fd", "accuracy", "washed"])
+            self.log.set_header(["fd", "accuracy", "washed", "recall"])
             self.best = min([r["fd"] for r in self.log.rows()], default=float("inf"))
 
     def due(self, it: int) -> bool:
@@ -395,8 +407,9 @@ class BestStudent:
 
     def __call__(self, trainer, n: int, write) -> None:
         v = self.validator(trainer.ema)
-        self.log.append(n, [v["fd"], v["accuracy"], v["washed"]])
-        write(f"iter {n}: validation FD {v['fd']:.1f} accuracy {v['accuracy']:.3f} washed {v['washed']:.3f}"
+        self.log.append(n, [v["fd"], v["accuracy"], v["washed"], v["recall"]])
+        write(f"iter {n}: validation FD {v['fd']:.1f} accuracy {v['accuracy']:.3f} washed {v['washed']:.3f} "
+              f"recall {v['recall']:.3f}"
               + ("  (best so far: exported to student/)" if v["fd"] < self.best else ""))
         if v["fd"] < self.best:
             self.best = v["fd"]
@@ -407,7 +420,7 @@ class BestStudent:
 def export(run_dir: str, dist: Distiller, it: int, name: str = "student", extra: dict | None = None) -> str:
     cfg = dist.cfg
     out = os.path.join(run_dir, name)
-    save_pretrained(dist.ema, out, {
+    foreign.save_model(dist.ema, out, {
         "kind": "student", "guidance": None, "data": dist.meta["data"], "steps": cfg.steps,
         "grid": dist.grid, "noise_correction": cfg.noise_correction, "clip": cfg.clip, "schedule": dist.meta["schedule"],
         "teacher": portable_path(cfg.teacher, out), "train_iters": it,
@@ -418,10 +431,11 @@ def export(run_dir: str, dist: Distiller, it: int, name: str = "student", extra:
 
 
 def sample_grid(dist: Distiller, path: str) -> None:
-    labels = torch.arange(dist.teacher.cfg.num_classes).repeat_interleave(8)
+    labels = torch.arange(min(dist.teacher.cfg.num_classes, 16)).repeat_interleave(8)
     x = sample(dist.ema, labels, schedule=dist.sched, steps=dist.cfg.steps, shape=dist.shape,
                noise_correction=dist.cfg.noise_correction, clip=dist.cfg.clip,
                generator=torch.Generator().manual_seed(1234))
+    x = foreign.decode(dist.ema, x)                  # a latent model's samples as images
     save_png(image_grid(x, nrow=8), path, scale=2)
 
 
