@@ -156,25 +156,38 @@ def copy_baseline(footprint: int, seen: dict[int, float]) -> tuple[list[dict], f
 # ------------------------------------------------------------------ rows ----
 
 @functools.lru_cache(maxsize=None)
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    name, info = platform.processor() or platform.machine(), {}
+def cpu_identity() -> dict[str, str]:
+    """The host CPU as /proc/cpuinfo's first processor names it: ``cpu_vendor``
+    (vendor_id), ``cpu_family``, ``cpu_model`` and ``cpu_name`` (model name); "" where
+    unknown. Every row carries these, on the GPU too (the host feeds the device).
+
+    "AMD EPYC" alone covers Zen 4 and Zen 5 VMs, whose oneDNN speeds differ 2x
+    (docs/cpu_performance.md): the family and model tell them apart (25/17 is Zen 4,
+    family 26 Zen 5).
+    """
+    keys = {"vendor_id": "cpu_vendor", "cpu family": "cpu_family", "model": "cpu_model", "model name": "cpu_name"}
+    info = dict.fromkeys(keys.values(), "")
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, val = line.partition(":")
-                if key.strip() in ("model name", "cpu family", "model") and key.strip() not in info:
-                    info[key.strip()] = val.strip()
+                if key.strip() in keys and not info[keys[key.strip()]]:
+                    info[keys[key.strip()]] = val.strip()
                 if not line.strip():
                     break                     # the first processor is enough
     except OSError:
         pass
-    name = info.get("model name", name)
-    # "AMD EPYC" alone covers Zen 4 and Zen 5 VMs, whose oneDNN speeds differ 2x
-    # (docs/cpu_performance.md): the family and model tell them apart.
-    fam = f", family {info['cpu family']} model {info['model']}" if "cpu family" in info and "model" in info else ""
-    return f"{name} ({torch.get_num_threads()} threads{fam})"
+    info["cpu_name"] = info["cpu_name"] or platform.processor() or platform.machine()
+    return info
+
+
+@functools.lru_cache(maxsize=None)
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = cpu_identity()
+    ident = f", {cpu['cpu_vendor']} family {cpu['cpu_family']} model {cpu['cpu_model']}" if cpu["cpu_family"] else ""
+    return f"{cpu['cpu_name']} ({torch.get_num_threads()} threads{ident})"
 
 
 @functools.lru_cache(maxsize=None)
@@ -197,7 +210,7 @@ def make_row(name: str, provider: str, shape, dtype, timing: Timing, unit: str, 
            "p50_ms": round(timing.p50_ms, 6), "p20_ms": round(timing.p20_ms, 6), "p80_ms": round(timing.p80_ms, 6),
            "unit": unit, "value": round(float(value), 4), "device": device_name(), "commit": git_commit(),
            "torch": torch.__version__,
-           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **cpu_identity()}
     row.update(extra)
     return row
 
@@ -243,7 +256,14 @@ def append_csv(path: str | Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def with_cpu(rows: list[dict]) -> list[dict]:
+    """``rows``, each given the host CPU's identity where it was made without it
+    (rows not built by ``make_row``, such as bench_gpu.py's)."""
+    return [{**cpu_identity(), **r} for r in rows]
+
+
 def write_json(path: str | Path, rows: list[dict]) -> None:
+    rows = with_cpu(rows)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=1) + "\n")
@@ -281,7 +301,9 @@ def write_markdown(path: str | Path, title: str, rows: list[dict], notes: Iterab
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     head = rows[0] if rows else {}
-    meta = (f"device: {head.get('device', device_name())}; torch {torch.__version__}; "
+    cpu = {**cpu_identity(), **{k: v for k, v in head.items() if k.startswith("cpu_")}}
+    meta = (f"device: {head.get('device', device_name())}; cpu: {cpu['cpu_vendor']} family {cpu['cpu_family']} "
+            f"model {cpu['cpu_model']}; torch {torch.__version__}; "
             f"commit {head.get('commit', git_commit())}; {head.get('time', '')}")
     body = [f"# {title}", "", meta, ""] + [f"- {n}" for n in notes] + ([""] if notes else [])
     path.write_text("\n".join(body) + "\n" + markdown_table(rows))
