@@ -1,5 +1,5 @@
 """The distillation commands of ``flashcore`` (entry layer): distill (Imagine Flash,
-DDIL), disback and ablate. Their flags are derived from the config dataclasses'
+DDIL), disback, ablate and compare. Their flags are derived from the config dataclasses'
 ``option`` fields (``cli_checks.config_flags``); ``flashcore.cli`` registers
 ``DISTILL_COMMANDS``."""
 from __future__ import annotations
@@ -128,8 +128,114 @@ def cmd_disback(a) -> int:
     return 0
 
 
+def _list_of(parse, what: str):
+    """argparse ``type`` of a comma list, each item parsed by ``parse``."""
+    import argparse
+
+    def of(text: str):
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {what}, got {text!r}")
+        return tuple(parse(x) for x in items)
+    of.__name__ = what
+    return of
+
+
+def _method_names(text: str):
+    import argparse
+
+    from flashcore.train.compare import check_methods
+    try:
+        return check_methods(x.strip() for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("compare: ")) from None
+
+
+def _add_compare(sub):
+    from .validation import COUNT, PROBABILITY, SEED, Range
+    from flashcore.train.compare import DEFAULT_METHODS
+    p = _command(sub, "compare", "the distillation methods head to head: same teacher, same number of generator "
+                                 "updates, several seeds; a table (mean and spread over seeds, eval's protocol), "
+                                 "a picture, curves and JSON (docs/compare.md); a rerun skips finished cells")
+    p.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher checkpoint directory")
+    p.add_argument("--out", required=True, type=out_dir, help="folder of the comparison (cells/, compare.md, ...)")
+    p.add_argument("--methods", type=_method_names, default=DEFAULT_METHODS,
+                   help="comma list (default: " + ",".join(DEFAULT_METHODS) + ")")
+    p.add_argument("--steps", type=_list_of(Range(int, 1, 4).parse, "step counts"), default=(1, 2, 3),
+                   help="comma list of student step counts (default: 1,2,3)")
+    p.add_argument("--seeds", type=_list_of(SEED.parse, "seeds"), default=(0, 1, 2),
+                   help="comma list of training seeds (default: 0,1,2)")
+    p.add_argument("--iters", type=COUNT.parse, default=2000, help="generator updates of every run (the budget)")
+    p.add_argument("--batch-size", type=COUNT.parse, default=64, help="images per update")
+    p.add_argument("--samples", type=_samples, default=2000, help="samples per headline eval")
+    p.add_argument("--curve-every", type=Range(int, 0, 10 ** 9).parse, default=200,
+                   help="score the last EMA generator every N updates for the curves (0: no curves)")
+    p.add_argument("--curve-samples", type=_samples, default=500, help="samples per curve point")
+    p.add_argument("--val-every", type=Range(int, 0, 10 ** 9).parse, default=100,
+                   help="validation interval of every run (picks its exported student; 0: the last)")
+    p.add_argument("--val-samples", type=Range(int, 20, 10 ** 9).parse, default=500,
+                   help="samples per validation FD")
+    p.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="validation feature network of every run")
+    p.add_argument("--features", nargs="+", default=None, metavar="DIR",
+                   help="headline feature networks (default: eval's, checkpoints/mnist-features-bncnn and -mlp)")
+    p.add_argument("--ddil-beta-fwd", type=PROBABILITY.parse, default=0.3,
+                   help="imagine-flash-ddil: prior of forward-noised real images")
+    p.add_argument("--ddil-beta-teacher", type=PROBABILITY.parse, default=0.2,
+                   help="imagine-flash-ddil: prior of teacher rollouts (student rollouts: the rest)")
+    p.add_argument("--ddil-clip", type=Range(float, 0, 100).parse, default=1.0,
+                   help="imagine-flash-ddil: reflection, x0 clamped to [-clip, clip]")
+    p.add_argument("--teacher-steps", type=Range(int, 0, 10 ** 4).parse, default=50,
+                   help="the teacher's reference row: its CFG sampler at this many steps (0: none)")
+    p.add_argument("--distill-config", default=None, metavar="FILE",
+                   help="JSON or YAML of further DistillConfig fields for every distill method (e.g. lr)")
+    p.add_argument("--disback-config", default=None, metavar="FILE",
+                   help="JSON or YAML of further DisBackConfig fields (default: path and switching scaled to "
+                        "--iters, docs/compare.md)")
+    _add_device_flag(p)
+    return p
+
+
+def cmd_compare(a) -> int:
+    from flashcore.evaluate import is_validation_space
+    from flashcore.train.compare import CompareConfig, compare
+    from flashcore.train.disback import DisBackConfig
+    from flashcore.train.distill import DistillConfig
+    from .cli_checks import UsageError
+    for f in a.features or ():
+        if is_validation_space(f, a.classifier):
+            raise UsageError(f"--features: {f!r} is the validation classifier that picks the students; pass "
+                             "other feature networks")
+    cc = build_config(lambda: CompareConfig(
+        teacher=a.teacher, classifier=a.classifier, methods=a.methods, steps=a.steps, seeds=a.seeds,
+        iters=a.iters, batch_size=a.batch_size, samples=a.samples, curve_every=a.curve_every,
+        curve_samples=a.curve_samples, val_every=a.val_every, val_samples=a.val_samples, features=a.features,
+        ddil_beta_fwd=a.ddil_beta_fwd, ddil_beta_teacher=a.ddil_beta_teacher, ddil_clip=a.ddil_clip,
+        teacher_steps=a.teacher_steps,
+        distill=read_config_file(a.distill_config, DistillConfig) if a.distill_config else {},
+        disback=read_config_file(a.disback_config, DisBackConfig) if a.disback_config else {}))
+    from flashcore.train.compare import cell_config, cells_of
+    for c in cells_of(cc):                  # every cell's config is valid before anything trains
+        cfg = build_config(lambda: cell_config(cc, *c))
+    distill_memory(cfg, max(a.samples, a.curve_samples, a.val_samples if a.val_every else 0))
+    given = [("--methods", ",".join(a.methods)), ("--steps", ",".join(map(str, a.steps))),
+             ("--seeds", ",".join(map(str, a.seeds))), ("--iters", a.iters), ("--batch-size", a.batch_size),
+             ("--samples", a.samples), ("--curve-every", a.curve_every), ("--curve-samples", a.curve_samples),
+             ("--val-every", a.val_every), ("--val-samples", a.val_samples)]
+    command = " ".join(["flashcore compare", "--teacher", a.teacher, "--out", a.out]
+                       + [f"{k} {v}" for k, v in given]
+                       + (["--features", *a.features] if a.features else [])
+                       + [f"--{k} {v}" for k, v in (("distill-config", a.distill_config),
+                                                    ("disback-config", a.disback_config)) if v])
+    res = compare(cc, a.out, command=command, device=_device(a))
+    print(open(os.path.join(a.out, "compare.md")).read())
+    print(f"table: {os.path.join(a.out, 'compare.md')}, picture: {os.path.join(a.out, 'compare.png')}, "
+          f"JSON: {os.path.join(a.out, 'compare.json')}, {len(res['rows'])} rows of {len(res['cells'])} runs")
+    return 0
+
+
 DISTILL_COMMANDS = {
     "distill": (_add_distill, cmd_distill),
     "disback": (_add_disback, cmd_disback),
     "ablate": (_add_ablate, cmd_ablate),
+    "compare": (_add_compare, cmd_compare),
 }

@@ -198,3 +198,119 @@ def test_cli_end_to_end(teacher, tmp_path, capsys):
     assert e.value.code == 2
     assert cli.main(["disback", "--teacher", teacher, "--out", run, "--lr", "1e-3", "--resume"]) == 1
     assert "was started with --lr" in capsys.readouterr().err
+
+
+# -- more than one process ------------------------------------------------------------------------
+
+def _torchrun_disback(args: list[str]) -> None:
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "flashcore.cli", "disback"] + args
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def _ddp_cfg(teacher):
+    return cfg_for(teacher, iters=2, path_checkpoints=2, path_every=1, switch_every=1, fake_updates=2,
+                   checkpoint_every=1, lr=1e-3, fake_lr=1e-3, path_lr=1e-3, seed=3)
+
+
+def _ddp_args(teacher, out: str, conf, iters: int) -> list[str]:
+    return ["--teacher", teacher, "--out", out, "--iters", str(iters), "--batch-size", "4", "--path-checkpoints",
+            "2", "--path-every", "1", "--switch-every", "1", "--fake-updates", "2", "--checkpoint-every", "1",
+            "--lr", "1e-3", "--fake-lr", "1e-3", "--path-lr", "1e-3", "--val-every", "0", "--seed", "3",
+            "--config", str(conf), "--device", "cpu"]
+
+
+def _reference_two_ranks(cfg, run_dir: str):
+    """What a 2-process run must compute, in one process: a trainer per rank (its own
+    per-rank generator and half the batch), each in a thread, averaging the gradients of
+    every update where DDP does and the logged figures where the all-reduce does."""
+    import threading
+    trs = [DisBackTrainer(cfg, run_dir, rank=r, world=2, device="cpu") for r in range(2)]
+    barrier = threading.Barrier(2, timeout=300)
+    box, logs, failed = [None, None], [[], []], []
+
+    def mean(rank, tensors):
+        box[rank] = tensors
+        barrier.wait()
+        out = [(a + b) / 2 for a, b in zip(*box)]
+        barrier.wait()                   # both have read the other's before either moves on
+        return out
+
+    def update(self, loss, model, opt, it):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = list(model.parameters())
+        for p, g in zip(params, mean(self.rank, [p.grad for p in params])):
+            p.grad = g.clone()
+        torch.nn.utils.clip_grad_norm_(params, db.GRAD_CLIP)
+        opt.step()
+
+    def over_ranks(self, xs):
+        return [float(v) for v in mean(self.rank, [torch.tensor(x, dtype=torch.float64) for x in xs])]
+
+    def rank_body(r):
+        tr = trs[r]
+        try:
+            tr.student.eval()                                      # G_0 while degrading, as disback()
+            for it in range(cfg.path_checkpoints * cfg.path_every):
+                tr.degradation_iteration(it)
+                if (it + 1) % cfg.path_every == 0 and r == 0:
+                    tr.save_path((it + 1) // cfg.path_every, it + 1)
+            barrier.wait()                                         # the path is on disk for both
+            tr.student.train()
+            tr.start_backtracking()
+            for it in range(cfg.iters):
+                logs[r].append(tr.iteration(it))
+        except BaseException as e:       # noqa: BLE001  re-raised by the main thread
+            failed.append(e)
+            barrier.abort()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DisBackTrainer, "_update", update)
+        mp.setattr(DisBackTrainer, "_mean_over_ranks", over_ranks)
+        threads = [threading.Thread(target=rank_body, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if failed:
+        raise failed[0]
+    assert logs[0] == logs[1]
+    return trs[0], logs[0]
+
+
+@pytest.mark.slow    # two torchrun launches of 2 processes: minutes on a loaded 2-core machine
+def test_two_processes_match_the_one_process_contract(teacher, tmp_path):
+    """torchrun, 2 processes, gloo: the path, the generator, its EMA and the fake model
+    are the gradient-averaged updates of the global batch (checked against the same
+    arithmetic in one process), rank 0 alone writes, and a resume on 2 processes
+    continues exactly."""
+    conf = tmp_path / "c.json"
+    conf.write_text(json.dumps({"bf16": False, "sample_every_checkpoint": False}))
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _torchrun_disback(_ddp_args(teacher, a, conf, 2))
+    ref, ref_logs = _reference_two_ranks(_ddp_cfg(teacher), str(tmp_path / "ref"))
+    w = load_file(os.path.join(a, "state", "weights.safetensors"))
+    for name, m in (("student", ref.student), ("ema", ref.ema), ("fake", ref.fake)):
+        for k, v in m.state_dict().items():
+            torch.testing.assert_close(w[f"{name}/{k}"], v, rtol=1e-4, atol=1e-6, msg=f"{name}/{k}")
+    for k in (1, 2):
+        got = load_pretrained(path_dir(a, k))[0].state_dict()
+        want = load_pretrained(path_dir(str(tmp_path / "ref"), k))[0].state_dict()
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=f"path {k} {n}")
+    assert "rng/data_rank1" in w and "rng/shared" in w
+    logged = rows(os.path.join(a, "loss.csv"))
+    assert [int(r[0]) for r in logged] == [1, 2]                     # one writer: no duplicate rows
+    torch.testing.assert_close(torch.tensor([[float(r[1]), float(r[2])] for r in logged]),
+                               torch.tensor([[x["gap"], x["fake"]] for x in ref_logs]), rtol=1e-4, atol=1e-6)
+    # resume on 2 processes: 1 update, stop, 1 more == 2 in one go
+    _torchrun_disback(_ddp_args(teacher, b, conf, 1))
+    _torchrun_disback(_ddp_args(teacher, b, conf, 2) + ["--resume"])
+    wb = load_file(os.path.join(b, "state", "weights.safetensors"))
+    assert w.keys() == wb.keys() and all(torch.equal(w[k], wb[k]) for k in w)
+    with pytest.raises(ValueError, match="same number"):              # resumed on 1 process: refused
+        disback(_ddp_cfg(teacher), b, resume=True, progress=False, device="cpu")
