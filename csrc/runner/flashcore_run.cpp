@@ -2,6 +2,7 @@
 // written by `flashcore export --format pt2`) without Python.
 //
 //   flashcore-run student.pt2 --labels 0,1,2 --seed 0 --out grid.png [--runs N] [--threads N] [--raw x0.f32]
+//                 [--serve]
 //
 // The package maps (x_T (B, C, H, W) float32, labels (B,) int64) -> x0. The noise is
 // drawn here with at::randn on the CPU generator seeded by --seed, the draw
@@ -11,7 +12,10 @@
 //
 // Prints the time to the first image (from the start of main: loading the package
 // included), the per-image latency of --runs further calls, its peak RSS, and whether a libpython
-// is mapped into this process (it must not be). Any failure: one line
+// is mapped into this process (it must not be). --serve (for bench/bench_deploy.py, which
+// times this process side by side with in-process providers): after the first image,
+// one more call per line read from stdin, each answered "ok <ms>" on stdout; the summary
+// follows at end of input. Any failure: one line
 // "flashcore-run: error: ..." and exit status 1; a malformed command line: exit 2.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -48,6 +52,7 @@ struct Args {
   uint64_t seed = 0;
   int runs = 5;
   int threads = 0;   // 0: libtorch's default (OMP_NUM_THREADS, else the cores)
+  bool serve = false;
 };
 
 int64_t parse_int(const std::string& s, const std::string& what) {
@@ -91,6 +96,8 @@ Args parse(int argc, char** argv) {
     } else if (k == "--threads") {
       a.threads = static_cast<int>(parse_int(value(), "--threads"));
       if (a.threads < 1) throw Usage("--threads must be >= 1");
+    } else if (k == "--serve") {
+      a.serve = true;
     } else if (k == "--raw") {
       a.raw = value();
     } else if (k == "--runs") {
@@ -193,11 +200,28 @@ int run(const Args& a, Clock::time_point start) {
   const double first_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
   at::Tensor x0 = out.at(0).contiguous();
 
+  // wall-clock time of the first image, so that a parent can measure process start to
+  // first image (its clock and ours are the same system clock)
+  const double first_unix =
+      std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+
   std::vector<double> ms;
-  for (int r = 0; r < a.runs; ++r) {
+  auto timed_call = [&]() {
     auto t0 = Clock::now();
     loader->run({x_T, labels});
     ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+  };
+  if (a.serve) {
+    std::printf("ready\n");
+    std::fflush(stdout);
+    std::string line;
+    while (std::getline(std::cin, line)) {
+      timed_call();
+      std::printf("ok %.4f\n", ms.back());
+      std::fflush(stdout);
+    }
+  } else {
+    for (int r = 0; r < a.runs; ++r) timed_call();
   }
 
   int width = 0, height = 0;
@@ -213,6 +237,7 @@ int run(const Args& a, Clock::time_point start) {
   std::printf("%lld images (%lldx%lldx%lld), seed %llu -> %s\n", (long long)b, (long long)c, (long long)h,
               (long long)w, (unsigned long long)a.seed, a.out.c_str());
   std::printf("time to first image: %.1f ms (package load and first call)\n", first_ms);
+  std::printf("first image at unix time: %.6f\n", first_unix);
   if (!ms.empty()) {
     std::sort(ms.begin(), ms.end());
     const double med = ms[ms.size() / 2];
@@ -234,7 +259,7 @@ int main(int argc, char** argv) {
     a = parse(argc, argv);
   } catch (const Usage& e) {
     std::fprintf(stderr, "usage: flashcore-run ARTIFACT.pt2 --labels L1,L2,... [--seed S] [--out grid.png] "
-                         "[--runs N] [--threads N] [--raw x0.f32]\nflashcore-run: error: %s\n", e.what());
+                         "[--runs N] [--threads N] [--raw x0.f32] [--serve]\nflashcore-run: error: %s\n", e.what());
     return 2;
   }
   try {
