@@ -132,3 +132,34 @@ def split(ds: Dataset, part: str) -> tuple[torch.Tensor, torch.Tensor]:
     if idx is None:
         raise ValueError(f"data: unknown split {part!r}; expected 'train' or 'eval'")
     return ds.images[idx], ds.labels[idx]
+
+
+# ---- captions for text-to-image digits -----------------------------------------------------------
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# phrasings of a digit's caption; {n} is the numeral, {w} the word. The last HELD_OUT_PHRASINGS
+# are never trained on: prompt accuracy on them measures generalisation over wording
+PHRASINGS = ("a handwritten {n}", "the digit {w}", "{w}", "the number {n}", "a picture of a {w}",
+             "{n}", "a scanned handwritten digit {w}", "digit {n}, written by hand",
+             "an image of the number {w}", "a {w} drawn in ink")
+HELD_OUT_PHRASINGS = 2
+
+
+def caption(label: int, phrasing: int) -> str:
+    """The caption of digit ``label`` in the ``phrasing``-th wording of ``PHRASINGS``."""
+    return PHRASINGS[phrasing].format(n=label, w=DIGIT_WORDS[label])
+
+
+def captioned(ds: Dataset, part: str = "train", *, held_out: bool = False,
+              seed: int = 0) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """(images, captions, labels) of a digit data set's ``part``: one caption per image, its
+    phrasing drawn with ``seed`` from the trained phrasings (``held_out=False``) or from
+    the held-out ones. The digit a caption names is the image's label."""
+    if ds.classes != [str(i) for i in range(10)]:
+        raise ValueError(f"data: captions name digits 0-9; {ds.name!r} has classes {ds.classes[:12]}")
+    x, y = split(ds, part)
+    n_train = len(PHRASINGS) - HELD_OUT_PHRASINGS
+    choices = range(n_train, len(PHRASINGS)) if held_out else range(n_train)
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(0, len(choices), (len(y),), generator=g).tolist()
+    return x, [caption(int(c), choices[p]) for c, p in zip(y.tolist(), pick)], y
