@@ -232,6 +232,8 @@ def _add_generate(sub):
     p.add_argument("--per-class", type=_per_class, default=8, help="images per class: the grid's columns")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the sampling noise")
     p.add_argument("--out", type=out_file, default="out/samples.png", help="the PNG grid to write, a row a class")
+    p.add_argument("--prompts", default=None, help="a text model's prompts, a text file with one a line: a row a "
+                                                   "prompt (default: the prompts a student was distilled on)")
     _add_sampling_flags(p)
     return p
 
@@ -240,18 +242,18 @@ def cmd_generate(a) -> int:
     import torch
 
     from flashcore.evaluate import generate
+    from flashcore.foreign import decode, load_model
     from flashcore.images import grid, save_png
-    from flashcore.models import load_pretrained
     steps, nc, meta = sampling_setup(a.model, a.steps, a.noise_correction, DEFAULT_GENERATE_TEACHER_STEPS)
     if meta is not None:
         n = a.per_class * image_shape(meta)[0]
         check_memory("--per-class", a.per_class, sample_bytes(n, meta), f"{n} images")
-    model, meta = load_pretrained(a.model)
+    model, meta = load_model(a.model, prompts=a.prompts)
     guidance = a.cfg if a.cfg is not None else float(meta.get("guidance") or 1.0)
     labels = torch.arange(model.cfg.num_classes).repeat_interleave(a.per_class)
     x, secs = generate(model, meta, labels, steps=steps, guidance=guidance, noise_correction=nc, seed=a.seed,
                        clip=sampling_clip(meta, a.clip), **_engine_kwargs(a))
-    save_png(grid(x, nrow=a.per_class), a.out, scale=2)
+    save_png(grid(decode(model, x), nrow=a.per_class), a.out, scale=2)
     print(f"{len(labels)} images, {steps} steps, cfg {guidance}: {secs:.2f} s "
           f"({1000 * secs / len(labels):.1f} ms/image) -> {a.out}")
     return 0
@@ -272,6 +274,7 @@ def _add_demo(sub):
     p.add_argument("--per-class", type=_per_class, default=2, help="images per class in every row")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the sampling noise (the same in every row)")
     p.add_argument("--out", type=out_file, default="out/demo.png", help="the picture to write (PNG)")
+    p.add_argument("--prompts", default=None, help="a text model's prompts, a text file with one a line")
     _add_device_flag(p)
     return p
 
@@ -283,19 +286,20 @@ def cmd_demo(a) -> int:
     import torch
 
     from flashcore.evaluate import generate
+    from flashcore.foreign import decode, load_model
     from flashcore.images import labelled_rows
-    from flashcore.models import load_pretrained
     device = _device(a)
     tpeek = peek_meta(a.teacher)
     check_steps("--teacher-steps", a.teacher_steps, tpeek)
     if tpeek is not None:
         n = a.per_class * image_shape(tpeek)[0]
         check_memory("--per-class", a.per_class, 5 * sample_bytes(n, tpeek), f"5 rows of {n} images")
-    teacher, tmeta = load_pretrained(a.teacher, kinds=("teacher",))
-    student, smeta = load_pretrained(a.student, kinds=("student",))
+    teacher, tmeta = load_model(a.teacher, kinds=("teacher",), prompts=a.prompts)
+    student, smeta = load_model(a.student, kinds=("student",), prompts=a.prompts)
     one = None
-    if a.student_1step and os.path.exists(os.path.join(a.student_1step, "config.json")):
-        one = load_pretrained(a.student_1step, kinds=("student",))
+    if a.student_1step and any(os.path.exists(os.path.join(a.student_1step, f))
+                               for f in ("config.json", "model_index.json")):
+        one = load_model(a.student_1step, kinds=("student",), prompts=a.prompts)
     for m, path in ((student, a.student), (one[0] if one else student, a.student_1step)):
         if teacher.cfg != m.cfg:
             raise ValueError(f"demo: the student {path!r} does not have the teacher's architecture")
@@ -318,6 +322,7 @@ def cmd_demo(a) -> int:
         ms = 1000 * secs / len(labels)
         nfe = steps * (2 if g != 1.0 else 1)
         times.append(ms)
+        x = decode(model, x)                             # a latent model's samples as images
         rows.append((f"{name}\n{nfe} NFE, {ms:.1f} ms/image, {times[0] / ms:.1f}x the teacher's speed", x))
         print(f"{name:28s} {nfe:4d} NFE  {ms:8.1f} ms/image  ({times[0] / ms:5.1f}x the teacher's speed)",
               flush=True)

@@ -115,7 +115,10 @@ def peek_meta(model_dir: str) -> dict | None:
     """The checkpoint's config.json if it is readable JSON with the fields used
     here, else None: the loader then reports what is wrong, in its own words."""
     try:
-        with open(os.path.join(model_dir, "config.json")) as f:
+        name = "config.json"
+        if not os.path.exists(os.path.join(model_dir, name)):
+            name = "flashcore.json"          # a student distilled from a diffusers model (flashcore.foreign)
+        with open(os.path.join(model_dir, name)) as f:
             meta = json.load(f)
         m = meta["model"]
         int(m.get("sample_size", 28)), int(m.get("channels", 1)), int(m.get("num_classes", 10))

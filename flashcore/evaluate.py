@@ -172,7 +172,11 @@ def evaluate(model_dir: str, features: str | list[str] | tuple[str, ...] | None 
     the first also gives the top-level ``fd`` and ``accuracy``. A network that is
     the model's validation space is flagged (``is_validation_space``), or refused
     with ``refuse_validation_space``."""
-    model, meta = load_pretrained(model_dir)
+    from .foreign import load_model
+    model, meta = load_model(model_dir)
+    if not meta.get("data"):
+        raise ValueError(f"eval: {model_dir!r} comes from a diffusers folder with no data set; eval scores models "
+                         "of flashcore's data sets (its feature networks and reference split)")
     dirs = [features] if isinstance(features, str) else list(features or HEADLINE_FEATURES)
     validation = validation_path(meta, model_dir)
     spaces = []

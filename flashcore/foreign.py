@@ -54,7 +54,8 @@ def is_flashcore(path: str) -> bool:
     if not os.path.isfile(f):
         return False
     try:
-        return isinstance(read_json(f), dict) and "kind" in read_json(f)
+        c = read_json(f)
+        return isinstance(c, dict) and "kind" in c
     except CheckpointError:
         return True          # flashcore's loader names what is wrong with it
 
