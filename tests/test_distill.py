@@ -64,6 +64,32 @@ def test_rollout_is_noise_corrected(tiny_teacher, nc):
     torch.testing.assert_close(x1, expect, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("noise", ["fresh", "student"])
+def test_srl_target_renoises_with_the_chosen_noise(tiny_teacher, noise):
+    from flashcore.sampler import sample
+    d = Distiller(cfg_for(tiny_teacher, srl_noise=noise, gamma_ratio=0.5, teacher_steps=1))
+    g = torch.Generator().manual_seed(3)
+    x_t, x0_s, eps_s = (torch.randn(2, 1, 16, 16, generator=g) for _ in range(3))
+    lab, t = torch.tensor([1, 2]), 666
+    state = d.gen.get_state()
+    got = d.target(x_t, x0_s, t, lab, eps_s)
+    drew = not torch.equal(state, d.gen.get_state())
+    d.gen.set_state(state)
+    eps_fresh = d._randn(x0_s.shape)
+    used = eps_s if noise == "student" else eps_fresh
+    a, s = d.sched.alpha_sigma(333)
+    expect = sample(d.teacher, lab, schedule=d.sched, steps=1, shape=d.shape, guidance=d.guidance,
+                    noise_correction=False, x_T=a * x0_s + s * used, grid=[333])
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+    # "student" is a function of the state alone: it draws nothing from the run's generators
+    assert drew == (noise == "fresh")
+
+
+def test_srl_noise_must_be_known(tiny_teacher):
+    with pytest.raises(ValueError, match="srl-noise"):
+        cfg_for(tiny_teacher, srl_noise="other")
+
+
 def test_srl_gradient_reaches_only_the_student(tiny_teacher):
     d = Distiller(cfg_for(tiny_teacher, adversarial=False))
     t_before = {k: v.clone() for k, v in d.teacher.state_dict().items()}

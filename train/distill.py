@@ -9,6 +9,7 @@ One iteration:
        (backward distillation; --no-backward: x_t = a_t x0 + s_t eps from real data)
     3. eps_S = student(x_t, t, c);  x0_S = (x_t - s_t eps_S) / a_t
     4. tau = gamma(t) = round(r t) + jitter;  chi = a_tau x0_S + s_tau eps'
+       (eps' fresh noise; --srl-noise student: eps' = eps_S, see SRL_NOISE)
        (--no-srl: chi = x_t, tau = t)
     5. x0_T = teacher, k DDIM steps with CFG from chi at tau, x0 at the last visited time
     6. L = w_i mean((x0_T - x0_S)^2) + lambda_adv L_G(D(noised x0_S))   (SRL: flashcore.ops.srl_loss)
@@ -64,6 +65,11 @@ from .ddil import SOURCES, teacher_rollout, teacher_rollout_grid  # noqa: F401 (
 from .discriminator import Discriminator, d_loss, g_loss
 
 MAX_STUDENT_STEPS = 4
+# SRL's re-noising noise eps' (docs/diversity.md): "fresh" draws it (the paper); "student" reuses the
+# student's eps prediction, which makes chi a DDIM jump of the student's own trajectory from t to tau.
+# Why the second exists: with fresh noise the target is independent of the student's input given its
+# x0, so the regression pulls every x_T of a class toward one mean image (the 1-step collapse).
+SRL_NOISE = ("fresh", "student")
 
 
 @dataclass
@@ -82,6 +88,9 @@ class DistillConfig:
     gamma_ratio: float = option(0.75, "--gamma", "SRL shift: tau = round(gamma * t)")
     gamma_jitter: int = option(0, "--jitter", "SRL: a random integer in -j..j timesteps added to tau")
     teacher_steps: int = option(1, "--k", "teacher DDIM steps for the SRL target")
+    srl_noise: str = option("fresh", "--srl-noise",
+                            "SRL re-noising: fresh (new noise, the paper) or student (the student's own eps "
+                            "prediction: a DDIM jump from t to tau, so the target is a function of x_t)")
     guidance: float | None = option(None, "--cfg", "teacher guidance scale for the targets "
                                                    "(default: the teacher's saved scale)")
     backward: bool = option(True, switch="--no-backward",
@@ -134,6 +143,8 @@ class DistillConfig:
         self.step_weights = tuple(self.step_weights)
         for w in self.step_weights:
             NONNEGATIVE.check("distill: step_weights", w)
+        if self.srl_noise not in SRL_NOISE:
+            raise ValueError(f"distill: --srl-noise must be one of {', '.join(SRL_NOISE)}, got {self.srl_noise!r}")
         self.priors()                  # raises on priors that do not make a distribution
 
     def priors(self) -> tuple[float, float, float]:
@@ -249,8 +260,10 @@ class Distiller(common.RankDraws):
         return x_t, t, labels, i, source
 
     @torch.no_grad()
-    def target(self, x_t: torch.Tensor, x0_s: torch.Tensor, t: int, labels: torch.Tensor) -> torch.Tensor:
-        """Steps 4-5: the teacher's x0 from the re-noised student prediction."""
+    def target(self, x_t: torch.Tensor, x0_s: torch.Tensor, t: int, labels: torch.Tensor,
+               eps_s: torch.Tensor | None = None) -> torch.Tensor:
+        """Steps 4-5: the teacher's x0 from the re-noised student prediction (``eps_s``, the
+        student's detached eps prediction, is the re-noising noise under ``srl_noise="student"``)."""
         cfg, sched = self.cfg, self.sched
         if cfg.srl:
             tau = round(cfg.gamma_ratio * t)
@@ -260,7 +273,8 @@ class Distiller(common.RankDraws):
             a, s = sched.alpha_sigma(tau)
             if cfg.clip:       # reflection: the teacher starts from an in-range x0
                 x0_s = x0_s.clamp(-cfg.clip, cfg.clip)
-            chi = srl_renoise(x0_s, self._randn(x0_s.shape), a=a, s=s)
+            noise = eps_s if cfg.srl_noise == "student" else self._randn(x0_s.shape)
+            chi = srl_renoise(x0_s, noise, a=a, s=s)
         else:
             chi, tau = x_t, t
         return sample(self.teacher, labels, schedule=sched, steps=cfg.teacher_steps, shape=self.shape,
@@ -279,7 +293,7 @@ class Distiller(common.RankDraws):
             eps_s = self.student_fwd(x_t, tt, labels)
         eps_s = eps_s.float()
         x0_s = (x_t - s_t * eps_s) / a_t                                            # 3. with grad
-        x0_t = self.target(x_t, x0_s.detach(), t, labels)                           # 4-5.
+        x0_t = self.target(x_t, x0_s.detach(), t, labels, eps_s.detach())           # 4-5.
         w = cfg.step_weights[i] if cfg.step_weights else 1.0
         l_srl = srl_loss(x_t, eps_s, x0_t, a_t=a_t, s_t=s_t)                       # 6.
         loss = w * l_srl
