@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from .validation import gib, memory_limit
+from .validation import command_flags, gib, memory_limit, sampling_clip  # noqa: F401 (command_flags, sampling_clip: re-exported for the entry layer)
 
 
 class UsageError(Exception):
@@ -244,15 +244,6 @@ def sampling_setup(model: str, steps: int | None, nc_flag: bool | None, default_
     return steps, nc, meta
 
 
-def sampling_clip(meta: dict | None, clip_flag: float | None) -> float:
-    """The x0 threshold for sampling: the flag if given, else the checkpoint's own (a DDIL
-    student distilled with reflection carries ``clip`` in its config.json), else 0 (off)."""
-    if clip_flag is not None:
-        return clip_flag
-    v = (meta or {}).get("clip", 0.0)
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 100 else 0.0
-
-
 # ---- results and messages -------------------------------------------------------------------
 
 def save_result(path: str, r: dict, what: str) -> None:
@@ -326,20 +317,6 @@ def given_config(a, cls) -> dict[str, tuple[str, object]]:
         flag = f.metadata.get("switch") or f.metadata.get("flag")
         if flag and getattr(a, f.name, None) is not None:
             out[f.name] = (flag, getattr(a, f.name))
-    return out
-
-
-def command_flags(cfg, always: tuple[str, ...] = ()) -> list[str]:
-    """The flags that rebuild ``cfg``: the fields in ``always``, and every other one off its default."""
-    import dataclasses
-    default = type(cfg)(**{n: getattr(cfg, n) for n in always})
-    out = []
-    for f in dataclasses.fields(cfg):
-        v, md = getattr(cfg, f.name), f.metadata
-        if md.get("flag") and (f.name in always or v != getattr(default, f.name)):
-            out += [md["flag"], str(v)]
-        elif md.get("switch") and v is False:
-            out.append(md["switch"])
     return out
 
 

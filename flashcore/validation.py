@@ -148,3 +148,26 @@ def option(default, flag: str | None = None, help: str = "", switch: str | None 
     import dataclasses
     kw = {"default_factory": default} if callable(default) else {"default": default}
     return dataclasses.field(metadata={"flag": flag, "help": help, "switch": switch}, **kw)
+
+
+def sampling_clip(meta: dict | None, clip_flag: float | None) -> float:
+    """The x0 threshold for sampling: the flag if given, else the checkpoint's own (a DDIL
+    student distilled with reflection carries ``clip`` in its config.json), else 0 (off)."""
+    if clip_flag is not None:
+        return clip_flag
+    v = (meta or {}).get("clip", 0.0)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 100 else 0.0
+
+
+def command_flags(cfg, always: tuple[str, ...] = ()) -> list[str]:
+    """The flags that rebuild ``cfg``: the fields in ``always``, and every other one off its default."""
+    import dataclasses
+    default = type(cfg)(**{n: getattr(cfg, n) for n in always})
+    out = []
+    for f in dataclasses.fields(cfg):
+        v, md = getattr(cfg, f.name), f.metadata
+        if md.get("flag") and (f.name in always or v != getattr(default, f.name)):
+            out += [md["flag"], str(v)]
+        elif md.get("switch") and v is False:
+            out.append(md["switch"])
+    return out

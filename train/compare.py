@@ -166,7 +166,7 @@ def cells_of(cc: CompareConfig) -> list[tuple[str, int, int]]:
 
 def cell_command(cfg, run_dir: str) -> str:
     """The distill or disback command that trains this cell's run in one go."""
-    from flashcore.cli_checks import command_flags
+    from flashcore.validation import command_flags
     what = "disback" if type(cfg).__name__ == "DisBackConfig" else "distill"
     return " ".join([f"flashcore {what}"] + command_flags(cfg, always=("teacher", "steps", "iters", "seed"))
                     + ["--out", run_dir])
@@ -212,7 +212,7 @@ def _features(cc: CompareConfig):
 
 def _curve_point(cc: CompareConfig, cfg, run: str, it: int, curve: dict, device) -> None:
     """Score the last EMA generator at update ``it`` on ``curve_samples`` samples."""
-    from flashcore.cli_checks import sampling_clip
+    from flashcore.validation import sampling_clip
     from flashcore.evaluate import evaluate
     last = os.path.join(run, "student-last" if cfg.val_every else "student")
     path = os.path.join(last, "config.json")
@@ -227,7 +227,7 @@ def _curve_point(cc: CompareConfig, cfg, run: str, it: int, curve: dict, device)
 
 def run_cell(cc: CompareConfig, out: str, method: str, steps: int, seed: int, device=None, note=None) -> dict:
     """Train (or continue) one cell, score it and return its result (also ``result.json``)."""
-    from flashcore.cli_checks import sampling_clip
+    from flashcore.validation import sampling_clip
     from .disback import disback
     from .distill import distill
     cfg = cell_config(cc, method, steps, seed)
