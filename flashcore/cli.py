@@ -261,6 +261,7 @@ def cmd_generate(a) -> int:
 
 DEFAULT_STUDENT = os.path.join(_ROOT, "checkpoints", "mnist-student-3step")
 DEFAULT_STUDENT_1STEP = os.path.join(_ROOT, "checkpoints", "mnist-student-1step")
+DEFAULT_STUDENT_2STEP = os.path.join(_ROOT, "checkpoints", "mnist-student-2step")
 
 
 def _add_demo(sub):
@@ -268,6 +269,8 @@ def _add_demo(sub):
                               "1, 2 and 3 steps: one picture, the time per image of each")
     p.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher checkpoint directory")
     p.add_argument("--student", default=DEFAULT_STUDENT, help="the student for the 3- and 2-step rows")
+    p.add_argument("--student-2step", default=DEFAULT_STUDENT_2STEP,
+                   help="a student distilled for 2 steps, for the 2-step row ('' or missing: --student at 2 steps)")
     p.add_argument("--student-1step", default=DEFAULT_STUDENT_1STEP,
                    help="a student distilled for 1 step, for the 1-step row ('' or missing: --student at 1 step)")
     p.add_argument("--teacher-steps", type=_sampler_steps, default=50, help="sampler steps of the teacher's row")
@@ -296,21 +299,23 @@ def cmd_demo(a) -> int:
         check_memory("--per-class", a.per_class, 5 * sample_bytes(n, tpeek), f"5 rows of {n} images")
     teacher, tmeta = load_model(a.teacher, kinds=("teacher",), prompts=a.prompts)
     student, smeta = load_model(a.student, kinds=("student",), prompts=a.prompts)
-    one = None
-    if a.student_1step and any(os.path.exists(os.path.join(a.student_1step, f))
-                               for f in ("config.json", "model_index.json")):
-        one = load_model(a.student_1step, kinds=("student",), prompts=a.prompts)
-    for m, path in ((student, a.student), (one[0] if one else student, a.student_1step)):
-        if teacher.cfg != m.cfg:
-            raise ValueError(f"demo: the student {path!r} does not have the teacher's architecture")
+    own = {}                          # step count -> (model, meta) of a student distilled for it
+    for n, path in ((2, a.student_2step), (1, a.student_1step)):
+        if path and any(os.path.exists(os.path.join(path, f)) for f in ("config.json", "model_index.json")):
+            own[n] = load_model(path, kinds=("student",), prompts=a.prompts)
+            if teacher.cfg != own[n][0].cfg:
+                raise ValueError(f"demo: the student {path!r} does not have the teacher's architecture")
+    if teacher.cfg != student.cfg:
+        raise ValueError(f"demo: the student {a.student!r} does not have the teacher's architecture")
     guidance = float(tmeta.get("guidance") or 1.0)
     labels = torch.arange(teacher.cfg.num_classes).repeat(a.per_class)
     max_steps = int(smeta.get("steps") or 3)
     runs = [(teacher, tmeta, a.teacher_steps, guidance, f"teacher, {a.teacher_steps} steps, CFG {guidance:g}")]
-    runs += [(student, smeta, s, 1.0, f"{max_steps}-step student, {s} step{'s' if s > 1 else ''}")
-             for s in range(max_steps, 1 if one else 0, -1)]
-    if one:
-        runs.append((one[0], one[1], 1, 1.0, "1-step student, 1 step"))
+    for s in range(max_steps, 0, -1):
+        if s in own and s != max_steps:
+            runs.append((*own[s], s, 1.0, f"{s}-step student, {s} step{'s' if s > 1 else ''}"))
+        else:
+            runs.append((student, smeta, s, 1.0, f"{max_steps}-step student, {s} step{'s' if s > 1 else ''}"))
     rows, times = [], []
     for model, meta, steps, g, name in runs:
         nc = bool(meta.get("noise_correction", True))
@@ -335,7 +340,7 @@ def cmd_demo(a) -> int:
 
 def _add_bench(sub):
     p = sub.add_parser("bench", help="benchmarks: kernels, one sampler step, end-to-end image latency")
-    p.add_argument("--suite", choices=("kernels", "step", "e2e", "all"), default="all")
+    p.add_argument("--suite", choices=("kernels", "step", "e2e", "deploy", "all"), default="all")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats: a smoke run")
     p.add_argument("--providers", default=None,
                    help="comma list of providers (prefixes): eager,compile,flashcore,sdpa,onnxruntime")

@@ -283,7 +283,7 @@ def test_student_teacher_shape_mismatch_is_a_clear_error(tiny_teacher, tmp_path,
     save_pretrained(Denoiser(TINY_UNET), small_student, {"kind": "student", "data": "digits", "steps": 3,
                                                          "schedule": {"kind": "scaled_linear"}})
     assert cli.main(["demo", "--teacher", tiny_teacher, "--student", small_student, "--student-1step", "",
-                     "--teacher-steps", "2", "--out", str(tmp_path / "d.png")]) == 1
+                     "--student-2step", "", "--teacher-steps", "2", "--out", str(tmp_path / "d.png")]) == 1
     assert "does not have the teacher's architecture" in capsys.readouterr().err
 
 
@@ -293,8 +293,13 @@ def test_demo_puts_teacher_and_students_side_by_side(tiny_teacher, tmp_path, cap
                                                    "schedule": {"kind": "scaled_linear"}})
     out = str(tmp_path / "demo.png")
     assert cli.main(["demo", "--teacher", tiny_teacher, "--student", student, "--student-1step", student,
-                     "--teacher-steps", "2", "--per-class", "1", "--out", out]) == 0
+                     "--student-2step", "", "--teacher-steps", "2", "--per-class", "1", "--out", out]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [ln.split()[0] for ln in lines[:4]] == ["teacher,", "3-step", "3-step", "1-step"]
     assert all("ms/image" in ln for ln in lines[:4])
+    # a student distilled for 2 steps takes the 2-step row
+    assert cli.main(["demo", "--teacher", tiny_teacher, "--student", student, "--student-1step", student,
+                     "--student-2step", student, "--teacher-steps", "2", "--per-class", "1", "--out", out]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines[:4]] == ["teacher,", "3-step", "2-step", "1-step"]
     assert os.path.getsize(out) > 1000
