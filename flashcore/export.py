@@ -41,6 +41,16 @@ __all__ = ["ExportConfig", "SamplerModule", "export_program", "export_sampler", 
 
 FORMATS = ("pt2", "onnx")
 
+# AOTInductor's options for a pt2 export (docs/deploy.md, "Speed"). freezing: the
+# weights become constants, so convolutions and linear layers run on oneDNN with
+# weights reordered once at export (mkldnn._convolution_pointwise, activations fused)
+# instead of aten.convolution, which at batch 1 picks the im2col path for the UNet's
+# small feature maps and, under layout optimisation, reorders every weight to
+# channels-last on every call. The reordered weights are oneDNN's blocked layout for
+# the exporting CPU's ISA (AVX-512 here, Zen 4 and Zen 5 alike): export on the kind of
+# machine that runs the artifact.
+AOTI_CONFIGS = {"freezing": True}
+
 
 @dataclass
 class ExportConfig:
@@ -148,8 +158,10 @@ def export_sampler(cfg: ExportConfig) -> dict:
     try:
         if cfg.format == "pt2":
             ep = export_program(mod, info, "native")
-            torch._inductor.aoti_compile_and_package(
-                ep, package_path=tmp, inductor_configs={"aot_inductor.metadata": metadata(info)})
+            # no_grad: inductor freezes only when grad mode is off (compile_fx checks it)
+            with torch.no_grad():
+                torch._inductor.aoti_compile_and_package(
+                    ep, package_path=tmp, inductor_configs={**AOTI_CONFIGS, "aot_inductor.metadata": metadata(info)})
         else:
             ep = export_program(mod, info, "reference")
             _write_onnx(ep, info, tmp)
@@ -164,11 +176,21 @@ def _cast(x, dtype=None, layout=None, device=None, pin_memory=None, non_blocking
     return x.to(dtype=dtype or x.dtype, copy=True)
 
 
+def _logsumexp(x, dim, keepdim=False):
+    # max-shifted, in ReduceMax/Exp/ReduceSum/Log: OpenVINO 2026.4's CPU plugin computes
+    # the ReduceLogSumExp node that torch.logsumexp exports to wrongly here (the
+    # attention reference's softmax came out at 0.4 relative error, in f32 too)
+    m = torch.amax(x, dim, keepdim=True)
+    out = torch.log(torch.sum(torch.exp(x - m), dim, keepdim=True)) + m
+    return out if keepdim else torch.squeeze(out, dim)
+
+
 def _plain_casts(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """The ATen ops torch.export records that the legacy exporter has no symbolic for,
     as the public calls it has one for (``_to_copy`` -> ``Tensor.to``: a Cast;
-    ``_unsafe_view`` -> ``reshape``)."""
-    plain = {torch.ops.aten._to_copy.default: _cast, torch.ops.aten._unsafe_view.default: torch.reshape}
+    ``_unsafe_view`` -> ``reshape``), and logsumexp in plain reductions (``_logsumexp``)."""
+    plain = {torch.ops.aten._to_copy.default: _cast, torch.ops.aten._unsafe_view.default: torch.reshape,
+             torch.ops.aten.logsumexp.default: _logsumexp}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in plain:
             node.target = plain[node.target]

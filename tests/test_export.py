@@ -102,6 +102,11 @@ def test_onnx_matches_the_sampler(student):
     sess = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
     got = torch.from_numpy(sess.run(None, {"x_T": x_T.numpy(), "labels": labels.numpy()})[0])
     torch.testing.assert_close(got, ref, rtol=0, atol=ATOL)
+    # OpenVINO, in f32 (its CPU default is bf16 where the CPU has it): the file runs there too
+    ov = pytest.importorskip("openvino")
+    req = ov.Core().compile_model(out, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+    got = torch.from_numpy(np.array(req.infer({"x_T": x_T.numpy(), "labels": labels.numpy()})[0]))
+    torch.testing.assert_close(got, ref, rtol=0, atol=ATOL)
 
 
 @pytest.fixture(scope="module")
