@@ -16,6 +16,7 @@ SUITES = {
     "kernels": ("bench_sampler_step", "bench_srl_loss", "bench_attention"),
     "step": ("bench_step",),
     "e2e": ("bench_e2e",),
+    "deploy": ("bench_deploy",),      # needs build/flashcore-run (docs/deploy.md)
 }
 
 
