@@ -67,7 +67,8 @@ def artifact(fmt: str, batch: int, bf16: bool) -> tuple[Path, float | None]:
     """(path, export seconds; None when reused). Exported once per version of the
     checkpoint, the exporter's source and torch (the key in the name), then reused."""
     from flashcore import export
-    key = hashlib.sha1(b"".join(p.read_bytes() for p in sorted((STUDENT / "model").iterdir()))
+    # every file of the checkpoint, whichever layout (pipeline folder or config.json + model/)
+    key = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(STUDENT.rglob("*")) if p.is_file())
                        + Path(export.__file__).read_bytes() + torch.__version__.encode()).hexdigest()[:10]
     path = ARTIFACTS / f"student-b{batch}{'-bf16' if bf16 else ''}-{key}.{fmt}"
     if path.exists():

@@ -24,6 +24,11 @@ from flashcore.schedule import NoiseSchedule
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDENT = os.path.join(ROOT, "checkpoints", "mnist-student-3step")
 ATOL = 1e-4
+# OpenVINO's f32 CPU kernels pick their own convolution algorithms: on the shipped v-prediction
+# 3-step student its x0 differed from PyTorch's by up to 1.02e-4 (one element of 1568) where ONNX
+# Runtime stays under ATOL. 5e-4 still flags a wrong op by orders of magnitude (the logsumexp bug
+# this check found gave a relative error of 0.42).
+OV_ATOL = 5e-4
 
 
 def _targets(ep):
@@ -106,7 +111,7 @@ def test_onnx_matches_the_sampler(student):
     ov = pytest.importorskip("openvino")
     req = ov.Core().compile_model(out, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
     got = torch.from_numpy(np.array(req.infer({"x_T": x_T.numpy(), "labels": labels.numpy()})[0]))
-    torch.testing.assert_close(got, ref, rtol=0, atol=ATOL)
+    torch.testing.assert_close(got, ref, rtol=0, atol=OV_ATOL)
 
 
 @pytest.fixture(scope="module")
