@@ -403,7 +403,8 @@ def student_from(teacher: Denoiser, cfg) -> Denoiser:
     if isinstance(teacher, ForeignDenoiser):
         import copy
         return copy.deepcopy(teacher).requires_grad_(True)
-    student = Denoiser(cfg, schedule=teacher.schedule)
+    # built where the teacher is: a state dict does not copy across devices such as meta
+    student = Denoiser(cfg, schedule=teacher.schedule).to(next(teacher.parameters()).device)
     student.load_state_dict(teacher.state_dict())
     return student
 
