@@ -49,15 +49,18 @@ def _fail(path: str, msg: str, supported: bool = False) -> CheckpointError:
 
 
 def is_flashcore(path: str) -> bool:
-    """Whether ``path`` is one of flashcore's own checkpoints (its config.json has a ``kind``)."""
+    """Whether ``path`` is one of flashcore's own checkpoints: a top-level config.json that is
+    not a diffusers model's (those name their ``_class_name``). A broken or foreign-looking
+    flashcore config.json stays flashcore's, whose loader names what is wrong with it,
+    rather than falling back to reading the folder's diffusers components."""
     f = os.path.join(path, "config.json")
     if not os.path.isfile(f):
         return False
     try:
         c = read_json(f)
-        return isinstance(c, dict) and "kind" in c
     except CheckpointError:
-        return True          # flashcore's loader names what is wrong with it
+        return True
+    return not isinstance(c, dict) or "kind" in c or "_class_name" not in c
 
 
 # ---- reading a folder ------------------------------------------------------------------------
