@@ -194,11 +194,24 @@ def test_bad_calls_are_refused(unet_folder):
 
 # -- the shipped checkpoints and the command line ---------------------------------------------------
 
+def _earlier_layout(pipeline_dir: str, out: str) -> str:
+    """A copy of a pipeline folder in the layout checkpoints had before pipelines:
+    config.json beside model/ (the diffusers model folder), no model_index.json."""
+    import shutil
+    os.makedirs(out)
+    shutil.copy(os.path.join(pipeline_dir, "config.json"), out)
+    shutil.copytree(os.path.join(pipeline_dir, "unet"), os.path.join(out, "model"))
+    return out
+
+
 def test_shipped_checkpoints_load_and_export_as_pipelines(tmp_path, capsys):
-    student = os.path.join(ROOT, "checkpoints", "mnist-student-3step")
-    assert not os.path.exists(os.path.join(student, "model_index.json"))      # the earlier layout
-    for name in ("mnist-teacher", "mnist-student-1step", "mnist-student-3step"):
+    shipped = os.path.join(ROOT, "checkpoints", "mnist-student-3step")
+    for name in ("mnist-teacher", "mnist-student-1step", "mnist-student-2step", "mnist-student-3step"):
         load_pretrained(os.path.join(ROOT, "checkpoints", name))
+        assert os.path.exists(os.path.join(ROOT, "checkpoints", name, "model_index.json"))
+    # the shipped checkpoints are pipeline folders; one in the earlier layout converts
+    student = _earlier_layout(shipped, str(tmp_path / "earlier"))
+    assert not os.path.exists(os.path.join(student, "model_index.json"))
     out = str(tmp_path / "pipe")
     assert cli.main(["export-pipeline", "--model", student, "--out", out]) == 0
     assert "student pipeline" in capsys.readouterr().out
