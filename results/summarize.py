@@ -1,23 +1,28 @@
-"""Tables of results/protocol-v2/*.json: every row's mean and spread over its
-sampling seeds (spread = half the range, max - min over seeds, so a difference
-smaller than the two rows' spreads together is noise). Writes summary.md next
-to this file and prints it.
+"""Tables of a results folder's ``<row>-s<seed>.json`` files (``flashcore eval
+--json``): every row's mean and spread over its seeds (spread = half the range,
+max - min over seeds, so a difference smaller than the two rows' spreads
+together is noise). Writes DIR/summary.md and prints it.
 
-    python results/protocol-v2/summarize.py
+    python results/summarize.py results/protocol-v2
+    python results/summarize.py results/protocol-v3
 """
 import collections
 import glob
 import json
 import os
 import statistics
+import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ORDER = ["teacher-50", "teacher-3", "student3-3", "teacher-2", "student3-2", "teacher-1", "student3-1",
-         "student1-1"]
+ORDER = ["teacher-50", "teacher-3", "student3-3", "student3fresh-3", "teacher-2", "student2-2", "student3-2", "teacher-1",
+         "student3-1", "student2-1", "student1-1"]
 NAMES = {"teacher-50": "teacher, 50 CFG steps", "teacher-3": "teacher, 3 CFG steps",
          "teacher-2": "teacher, 2 CFG steps", "teacher-1": "teacher, 1 CFG step",
          "student3-3": "3-step student, 3 steps", "student3-2": "3-step student, 2 steps",
-         "student3-1": "3-step student, 1 step", "student1-1": "1-step student, 1 step"}
+         "student3-1": "3-step student, 1 step", "student1-1": "1-step student, 1 step",
+         "student2-2": "2-step student, 2 steps",
+         "student3fresh-3": "3-step student, SRL fresh noise (the paper's), 3 steps", "student2-1": "2-step student, 1 step"}
+TITLE = {"protocol-v2": "Shipped checkpoints (before the v-prediction teacher)",
+         "protocol-v3": "The v-prediction zero-terminal-SNR teacher and its students"}
 
 
 def cell(vals, fmt):
@@ -29,14 +34,15 @@ def cell(vals, fmt):
     return f"{m:{fmt}} ± {(max(vals) - min(vals)) / 2:{fmt}}"
 
 
-def main():
+def main(here: str):
     runs = collections.defaultdict(list)
-    for f in sorted(glob.glob(os.path.join(HERE, "*-s*.json"))):
+    for f in sorted(glob.glob(os.path.join(here, "*-s*.json"))):
         runs[os.path.basename(f).rsplit("-s", 1)[0]].append(json.load(open(f)))
     rows = [r for r in ORDER if r in runs]
     first = runs[rows[0]][0]
     spaces = list(first["feature_spaces"])
-    out = [f"# Shipped checkpoints under `flashcore eval`'s protocol", "",
+    title = TITLE.get(os.path.basename(os.path.normpath(here)), "Checkpoints")
+    out = [f"# {title} under `flashcore eval`'s protocol", "",
            f"{first['samples']} samples per run, sampling seeds as listed; mean ± half the range over seeds. "
            "Images are the 8-bit ones `generate` writes. Feature spaces trained apart from the validation "
            f"classifier (`{first['validation_space']['path']}`, which picked the students and is not reported). "
@@ -73,10 +79,12 @@ def main():
                  cell([r["raw_out_of_range"] for r in rs], ".2f")]
         out.append("| " + " | ".join(line) + " |")
     text = "\n".join(out) + "\n"
-    with open(os.path.join(HERE, "summary.md"), "w") as f:
+    with open(os.path.join(here, "summary.md"), "w") as f:
         f.write(text)
     print(text)
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) != 2 or not os.path.isdir(sys.argv[1]):
+        sys.exit("usage: python results/summarize.py RESULTS_DIR  (a folder of <row>-s<seed>.json)")
+    main(sys.argv[1])
