@@ -1,4 +1,6 @@
 """Tiny models and configurations shared by the tests (imported by conftest)."""
+import socket
+
 import pytest
 import torch
 
@@ -25,3 +27,25 @@ def tiny_teacher(tmp_path):
     save_pretrained(Denoiser(TINY_UNET), path, {"kind": "teacher", "guidance": 2.0, "data": "digits",
                                                 "schedule": {"kind": "scaled_linear"}})
     return path
+
+
+def cli_run(argv, capsys):
+    """(exit code, stdout, stderr) of one in-process ``flashcore`` call."""
+    from flashcore import cli
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No test that uses this may reach the network: the hub is offline and sockets refuse to
+    connect (a module makes it autouse with ``pytestmark = pytest.mark.usefixtures("offline")``)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def refuse(*a, **kw):
+        raise AssertionError("network access attempted")
+    monkeypatch.setattr(socket.socket, "connect", refuse)

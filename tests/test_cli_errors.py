@@ -21,7 +21,7 @@ from flashcore.train.classifier import ClassifierTrainConfig
 from flashcore.train.distill import DistillConfig
 from flashcore.train.teacher import TeacherConfig
 
-from _fixtures import TINY_UNET
+from _fixtures import TINY_UNET, cli_run
 
 SCHEDULE = {"kind": "scaled_linear"}
 
@@ -77,14 +77,7 @@ def fx(tmp_path_factory):
     return p
 
 
-def run(argv, capsys):
-    """(exit code, stdout, stderr) of one in-process CLI call."""
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+run = cli_run          # (exit code, stdout, stderr) of one in-process CLI call
 
 
 def assert_usage(code, out, err, expect):

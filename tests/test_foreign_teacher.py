@@ -4,7 +4,6 @@ them, distilled for 2 iterations, and the students loaded back with
 ``DiffusionPipeline.from_pretrained``; unsupported folders are one error line."""
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -17,17 +16,12 @@ from flashcore.checkpoint import CheckpointError
 from flashcore.foreign import ForeignDenoiser, load_model, read_scheduler
 from flashcore.schedule import NoiseSchedule
 
+from _fixtures import cli_run, offline  # noqa: F401  (offline: fixture)
+
 PROMPTS = ["a handwritten seven", "the digit two", "zero"]
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """No test here may reach the network."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def refuse(*a, **kw):
-        raise AssertionError("network access attempted")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+pytestmark = pytest.mark.usefixtures("offline")     # no test here may reach the network
 
 
 def _jitter(*nets):
@@ -321,14 +315,7 @@ def test_distill_from_pipeline_and_load_student(tmp_path, kind):
 
 # ---- the command line ----------------------------------------------------------------------------
 
-def _cli(argv, capsys):
-    from flashcore import cli
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+_cli = cli_run
 
 
 def test_cli_distill_and_generate_from_pipeline_folder(tmp_path, capsys):

@@ -4,7 +4,6 @@ them and the older layout, and refuse a broken folder in one line."""
 import json
 import os
 import shutil
-import socket
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from flashcore.sampler import sample
 from flashcore.schedule import NoiseSchedule, ScheduleConfig
 from flashcore.scheduler import FlashcoreScheduler
 
-from _fixtures import TINY_DIT, TINY_UNET
+from _fixtures import TINY_DIT, TINY_UNET, offline  # noqa: F401  (offline: fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZERO_SNR = {"kind": "scaled_linear", "zero_terminal_snr": True}
@@ -31,14 +30,7 @@ STUDENT = {"kind": "student", "guidance": None, "data": "digits", "steps": 3, "g
 TEACHER = {"kind": "teacher", "guidance": 2.0, "data": "digits", "schedule": {}}
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """No test here may reach the network: the hub is offline and sockets refuse to connect."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def refuse(*a, **kw):
-        raise AssertionError("network access attempted")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+pytestmark = pytest.mark.usefixtures("offline")     # no test here may reach the network
 
 
 def _model(cfg: ModelConfig, schedule: NoiseSchedule | None = None) -> Denoiser:
