@@ -2,7 +2,8 @@
 # flashcore eval (2,000 samples, the 8-bit images generate writes) of the
 # v-prediction teacher and of the students distill.sh made: a student of
 # distillation seed s is scored with sampling seed s; the teacher's rows with
-# sampling seeds 0, 1, 2. Writes results/protocol-v3/<row>-s<seed>.json;
+# sampling seeds 0, 1, 2. Writes results/protocol-v3/<row>-s<seed>.json (the
+# committed ones were made with RUNS=/work/runs/protocol-v3, recorded as runs/protocol-v3);
 # python results/summarize.py results/protocol-v3 makes summary.md.
 # Usage: results/protocol-v3/run.sh [rows...]  (rows: student<n>-<steps>, teacher-<steps>)
 set -euo pipefail
