@@ -21,7 +21,6 @@ from . import checkpoint as ck
 from . import data as fdata
 from .metrics import blank_and_washed, class_diversity, features_and_logits, frechet_distance, load_classifier, \
     manifold_metrics, out_of_range_share, pixel_stats, user_images
-from .models import load_pretrained
 from .schedule import NoiseSchedule, ScheduleConfig
 
 _HOME = os.environ.get("FLASHCORE_HOME", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -127,7 +126,7 @@ def is_headline_space(path: str) -> bool:
     return _same_network(path, HEADLINE_FEATURES)
 
 
-def _floor_subset(y_train: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor:
+def class_balanced_subset(y_train: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor:
     """Train-split indices with the class counts of ``labels`` (capped at what a class has)."""
     g = torch.Generator().manual_seed(seed)
     idx = []
@@ -202,7 +201,7 @@ def evaluate(model_dir: str, features: str | list[str] | tuple[str, ...] | None 
     labels = torch.arange(samples) % model.cfg.num_classes
     x_ref, y_ref = fdata.split(ds, "eval")
     x_tr, y_tr = fdata.split(ds, "train")
-    sub = _floor_subset(y_tr, labels, seed)
+    sub = class_balanced_subset(y_tr, labels, seed)
     if not 1 <= k < min(samples, len(x_ref), len(sub)):
         raise ValueError(f"eval: k = {k} needs 1 <= k < every set's size: {samples} samples, "
                          f"{len(x_ref)} reference images, {len(sub)} floor images")

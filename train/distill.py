@@ -373,12 +373,12 @@ class Validator:
                              f"{cmeta['data']!r}, the teacher on {meta['data']!r}; pass a classifier for "
                              f"that data (--classifier) or --val-every 0")
         self.cfg, self.meta = cfg, meta
-        from flashcore.evaluate import _floor_subset
+        from flashcore.evaluate import class_balanced_subset
         x_tr, y_tr = fdata.split(fdata.load(meta["data"]), "train")
         self.f_ref, _ = features_and_logits(self.clf, x_tr)
         self.labels = torch.arange(cfg.val_samples) % self.clf.cfg.num_classes
         # recall compares sets of equal size (k-NN radii shrink as a set grows)
-        self.f_recall_ref = self.f_ref[_floor_subset(y_tr, self.labels, VAL_SEED)]
+        self.f_recall_ref = self.f_ref[class_balanced_subset(y_tr, self.labels, VAL_SEED)]
 
     @torch.no_grad()
     def __call__(self, model: Denoiser) -> dict:
