@@ -137,13 +137,12 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def run(quick: bool = False, providers=None, log=None, threads: int | None = None,
         batches: tuple[int, ...] | None = None, dtypes: tuple[str, ...] | None = None) -> list[dict]:
-    from deploy_child import openvino_config
+    from deploy_child import openvino_request
     from flashcore.engine import Engine
     from flashcore.models import load_pretrained
     from flashcore.schedule import NoiseSchedule, ScheduleConfig
     import numpy as np
     import onnxruntime as ort
-    import openvino as ov
 
     threads = threads or threads_default()
     torch.set_num_threads(threads)
@@ -202,7 +201,7 @@ def run(quick: bool = False, providers=None, log=None, threads: int | None = Non
                     fns[("onnxruntime", dt)] = lambda s=sess: s.run(None, feeds)
                     outs[("onnxruntime", dt)] = torch.from_numpy(fns[("onnxruntime", dt)]()[0])
                 if "openvino" in onnx_provs:
-                    req = ov.Core().compile_model(str(onnx), "CPU", openvino_config(dt, threads)).create_infer_request()
+                    req, _ = openvino_request(str(onnx), dt, threads)
                     fns[("openvino", dt)] = lambda r=req: r.infer(feeds, share_inputs=True)
                     outs[("openvino", dt)] = torch.from_numpy(np.array(fns[("openvino", dt)]()[0]))
             timed = B.measure_interleaved(fns, **timing)

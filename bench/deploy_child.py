@@ -41,9 +41,7 @@ def make(provider: str, artifact: str, batch: int, dtype: str, threads: int):
         feeds = onnx_inputs(batch)
         return lambda: sess.run(None, feeds)
     if provider == "openvino":
-        import openvino as ov
-        compiled = ov.Core().compile_model(artifact, "CPU", openvino_config(dtype, threads))
-        req, feeds = compiled.create_infer_request(), onnx_inputs(batch)
+        (req, _), feeds = openvino_request(artifact, dtype, threads), onnx_inputs(batch)
         return lambda: req.infer(feeds, share_inputs=True)
     import torch
     from flashcore.engine import Engine
@@ -67,6 +65,16 @@ def openvino_config(dtype: str, threads: int) -> dict:
     inference precision (its bf16 runs the fp32 ONNX graph's heavy ops in bfloat16)."""
     return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
             "INFERENCE_PRECISION_HINT": "bf16" if dtype == "bf16" else "f32"}
+
+
+def openvino_request(artifact: str, dtype: str, threads: int):
+    """(infer request, the precision OpenVINO really computes in: "f32" or "bf16") for
+    ARTIFACT compiled on the CPU plugin with ``openvino_config``: the one way the deploy
+    and step suites set OpenVINO up. The precision is the compiled model's own answer
+    because a CPU without native bf16 turns the bf16 hint into f32 without a warning."""
+    import openvino as ov
+    compiled = ov.Core().compile_model(artifact, "CPU", openvino_config(dtype, threads))
+    return compiled.create_infer_request(), compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
 
 
 def main(argv: list[str]) -> int:

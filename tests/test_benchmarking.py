@@ -215,3 +215,56 @@ def test_step_and_e2e_suites_quick_without_compile(tmp_path):
     assert {r["name"] for r in rows} == {"student_3step", "teacher_5step_cfg"}
     B.publish(e2e.NAME, e2e.TITLE, rows, tmp_path, notes=e2e.NOTES)
     assert "random weights" in (tmp_path / "e2e.md").read_text()
+
+
+def test_step_suite_openvino_runs_the_onnx_file_beside_onnxruntime(tmp_path):
+    """The openvino provider on the tiny DiT: the ONNX Runtime file, one export per case
+    (its rows in both dtypes), fp32 output equal to ORT's, and a bf16 row that says what
+    OpenVINO really computed in."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    from flashcore.ops._onednn import bf16_native
+    step = load_bench("bench_step")
+    rows = step.run(quick=True, providers=("onnxruntime", "openvino"), dtypes=("fp32", "bf16"))
+    _check_rows(rows)
+    timed = {(r["name"], r["provider"], r["dtype"]): r for r in rows if r["unit"] == "ms"}
+    roles = ("student_step", "teacher_step")
+    assert set(timed) == {(n, p, d) for n in roles for p, d in
+                          (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"))}
+    exports = [r for r in rows if r["unit"] == "s"]
+    assert {(r["name"], r["provider"], r["dtype"]) for r in exports} == {
+        (f"{n}.export", p, d) for n, p, d in timed}
+    for n in roles:
+        ov32, ov16 = timed[(n, "openvino", "fp32")], timed[(n, "openvino", "bf16")]
+        assert timed[(n, "onnxruntime", "fp32")]["rel_err"] < 1e-4 and ov32["rel_err"] < 1e-4
+        assert ov32["precision"] == "f32" and "note" not in ov32
+        if bf16_native():
+            assert ov16["precision"] == "bf16" and ov16["rel_err"] < 5e-2
+        else:
+            # the hint fell back: the row says so, and its error is fp32's (it is no bf16 computation)
+            assert ov16["precision"] == "f32" and "computed in f32, not bf16" in ov16["note"]
+            assert ov16["rel_err"] < 1e-4
+    B.publish(step.NAME, step.TITLE, rows, tmp_path, notes=step.NOTES)
+    if not bf16_native():
+        assert "computed in f32, not bf16" in (tmp_path / "step.md").read_text()
+    # the same file, the same inputs: OpenVINO's fp32 step agrees with ORT's (both outputs)
+    fc, base = step.build_models(step.QUICK)
+    onnx = step.onnx_file(fc, base, "teacher_step", 1, str(tmp_path))
+    provs = step.case_providers(fc, base, "teacher_step", 1, torch.float32, onnx,
+                                lambda p: p in ("onnxruntime", "openvino"))
+    ort_out, ov_out = provs["onnxruntime"].fn(), provs["openvino"].fn()
+    for a, b in zip(ort_out, (ov_out[0], ov_out[1])):
+        a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+        assert a.shape == b.shape and (a - b).norm() / a.norm() < 1e-5
+
+
+def test_step_suite_leaves_out_openvino_that_does_not_import(monkeypatch, capsys):
+    """Without the openvino package the provider is left out with a note; the rest runs."""
+    step = load_bench("bench_step")
+    monkeypatch.setitem(sys.modules, "openvino", None)           # `import openvino` now raises ImportError
+    rows = step.run(quick=True, providers=("eager", "openvino"), log=print)
+    assert {r["provider"] for r in rows} == {"eager"}
+    assert any(n.startswith("openvino left out: openvino does not import") for n in step.NOTES)
+    assert "openvino left out" in capsys.readouterr().out
+    step.run(quick=True, providers=("eager",))
+    assert list(step.NOTES) == list(step.BASE_NOTES)             # a later run does not inherit the note
