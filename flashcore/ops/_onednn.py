@@ -11,3 +11,19 @@ import torch
 @functools.cache          # a property of the torch build, asked on every call otherwise
 def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.cache          # a property of the CPU and the build
+def bf16_native() -> bool:
+    """Whether oneDNN computes bfloat16 on this CPU. It needs AVX-512 (BW, VL, DQ) or
+    AVX-NE-CONVERT; on an AVX2-only CPU (AMD Zen 3, most small x86 boards) it refuses
+    to create the primitive ("could not create a primitive descriptor")."""
+    return available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def bf16_reason(*tensors) -> str | None:
+    """``supports`` check of a row that runs bfloat16 through oneDNN: a reason when a
+    bfloat16 tensor meets a CPU without oneDNN's bf16 path, else None."""
+    if any(t is not None and t.dtype == torch.bfloat16 for t in tensors) and not bf16_native():
+        return f"bfloat16 needs oneDNN's AVX-512 bf16 path, and this CPU has {torch.backends.cpu.get_cpu_capability()}"
+    return None

@@ -25,7 +25,9 @@ every dtype and device), ``cpp`` (``csrc/cpu/linear.cpp``: CPU tensors, float32 
 bfloat16, K and N > 0, any strides (a non-contiguous x, W or b is copied once); a
 GEMV of its own for M <= 4 rows (2 in bf16), where oneDNN's fixed cost per call
 dominates, oneDNN's inner product above) and ``onednn`` (``_onednn_linear`` below:
-the same tensors, oneDNN at every M, torch built with oneDNN). Other inputs
+the same tensors, oneDNN at every M, torch built with oneDNN). Both take
+bfloat16 only where oneDNN computes it (a CPU with AVX-512 or AVX-NE-CONVERT;
+``_onednn.bf16_native``). Other inputs
 (float64, float16, a GPU tensor) fall back to the reference, with a one-time
 warning if a backend was asked for by name.
 """
@@ -82,7 +84,7 @@ _CPU_DTYPES = (torch.float32, torch.bfloat16)        # oneDNN's inner product re
 
 
 def _cpu_takes(x, weight, bias, activation):
-    return _rows.dtypes(_CPU_DTYPES, x) or _rows.nonempty(weight)
+    return _rows.dtypes(_CPU_DTYPES, x) or _onednn.bf16_reason(x) or _rows.nonempty(weight)
 
 
 # auto's order among them: _dispatch.AUTO_ORDER
@@ -188,7 +190,8 @@ GEMV_ROWS = {torch.float32: 4, torch.bfloat16: 2}
 def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
     """A copy of ``weight`` (N, K) in oneDNN's blocked layout for inputs of about
     ``rows`` rows (M), for ``linear(..., packed=)``; None where the native kernel or
-    oneDNN is not built, or for float64/float16 or GPU weights.
+    oneDNN is not built, for float64/float16 or GPU weights, or for bfloat16 on a CPU
+    without oneDNN's bf16 path.
 
     Why: oneDNN reorders a plain weight into that layout on every call. Measured on
     a DiT-S/2 step (weights from DRAM): 4-13% of each token GEMM, ~2 ms of a 44 ms
@@ -198,7 +201,8 @@ def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
     """
     if (_DIRECT is None or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             or not torch.backends.mkldnn.is_available() or weight.device.type != "cpu"
-            or weight.dtype not in GEMV_ROWS or weight.dim() != 2 or min(weight.shape) == 0):
+            or weight.dtype not in GEMV_ROWS or weight.dim() != 2 or min(weight.shape) == 0
+            or _onednn.bf16_reason(weight) is not None):
         return None
     with torch.no_grad():
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), max(int(rows), 1))
