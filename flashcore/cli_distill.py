@@ -41,7 +41,9 @@ def _run_config(a, cls, what: str):
     base.update({k: v for k, (_, v) in given_config(a, cls).items()})
     cfg = build_config(lambda: cls(**base))
     distill_memory(cfg, cfg.val_samples if cfg.val_every else None)     # a resumed run keeps its sizes
-    return cfg
+    # bf16 as it will run (off on a CPU without native bf16), so that the printed config is the saved one
+    from flashcore.devices import resolve_device
+    return common.native_bf16(cfg, resolve_device(_device(a)), what)
 
 
 def _distill_command_flags(cfg) -> list[str]:

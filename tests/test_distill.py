@@ -213,6 +213,19 @@ def test_batch_must_split_over_processes(tiny_teacher):
         Distiller(cfg_for(tiny_teacher, batch_size=5), rank=0, world=2)
 
 
+def test_bf16_autocast_only_where_the_cpu_computes_bf16(tiny_teacher, tmp_path, monkeypatch, capsys):
+    """On a CPU without oneDNN's bf16 path (AVX2 only) autocast would emulate bf16
+    several times slower than float32: the run trains in float32, says so once, and
+    its saved config records it; elsewhere bf16 stays."""
+    from flashcore.ops import _onednn
+    for native in (False, True):
+        monkeypatch.setattr(_onednn, "bf16_native", lambda native=native: native)
+        run = str(tmp_path / f"run-{native}")
+        distill(cfg_for(tiny_teacher, iters=1, checkpoint_every=1), run, progress=False)
+        assert json.load(open(os.path.join(run, "config.json")))["bf16"] is native
+        assert ("no native bfloat16" in capsys.readouterr().err) is (not native)
+
+
 # -- validation and ablate ------------------------------------------------------------------
 
 @pytest.fixture
@@ -250,7 +263,7 @@ def test_ablate_writes_table_and_picture_and_does_not_retrain(tiny_teacher, tiny
     out = str(tmp_path / "abl")
     args = ["ablate", "--teacher", tiny_teacher, "--steps", "2", "--out", out, "--iters", "2", "--batch-size", "4",
             "--val-every", "1", "--val-samples", "20", "--classifier", tiny_classifier, "--samples", "20",
-            "--features", tiny_classifier, "--variants", "full,no-srl"]
+            "--features", tiny_classifier, "--seed", "1", "--variants", "full,no-srl"]
     assert cli.main(args) == 0
     md = open(os.path.join(out, "ablation.md")).read()
     res = json.load(open(os.path.join(out, "ablation.json")))
@@ -258,6 +271,9 @@ def test_ablate_writes_table_and_picture_and_does_not_retrain(tiny_teacher, tiny
     for r in res["rows"]:
         assert f"| {r['name']} |" in md and r["command"] in md
         assert set(r["eval"]) == {"1", "2"}
+        assert {e["seed"] for e in r["eval"].values()} == {1}     # sampled with the distillation seed
+    assert {e["seed"] for e in res["teacher_rows"].values()} == {1}
+    assert "sampling seed 1" in md
     assert "--no-srl" in res["rows"][1]["command"] and "--no-srl" not in res["rows"][0]["command"]
     assert "teacher 50 steps" in md
     assert os.path.getsize(os.path.join(out, "ablation.png")) > 1000
