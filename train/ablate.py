@@ -41,16 +41,20 @@ DESCRIPTION = {
 TEACHER_REFERENCE_STEPS = 50
 
 
-def _eval_cached(path: str, model: str, steps: int, samples: int, features: list[str] | None, **kw) -> dict:
+def _eval_cached(path: str, model: str, steps: int, samples: int, features: list[str] | None, *,
+                 seed: int = 0, **kw) -> dict:
     """``flashcore eval`` in the given feature spaces (default: eval's headline ones,
-    never the validation classifier that picked the students), cached in ``path``."""
+    never the validation classifier that picked the students), with sampling seed
+    ``seed``, cached in ``path`` (a cached file is reused only for the same samples,
+    steps, seed and feature spaces: the same command gives the same JSON)."""
     from flashcore.evaluate import evaluate
     asked = list(features) if features else None
     if os.path.exists(path):
         r = read_json(path)
-        if r.get("samples") == samples and r.get("steps") == steps and r.get("features_asked", 0) == asked:
+        if (r.get("samples") == samples and r.get("steps") == steps and r.get("seed") == seed
+                and r.get("features_asked", 0) == asked):
             return r
-    r = {**evaluate(model, features, steps=steps, samples=samples, **kw), "features_asked": asked}
+    r = {**evaluate(model, features, steps=steps, samples=samples, seed=seed, **kw), "features_asked": asked}
     write_json(path, r)
     return r
 
@@ -100,7 +104,7 @@ def _ablate(base: DistillConfig, out: str, classifier: str, *, samples: int, var
         student = os.path.join(run_dir, "student")
         meta = read_json(os.path.join(student, "config.json"))
         evals = {s: _eval_cached(os.path.join(run_dir, f"eval-{s}step.json"), student, s, samples, features,
-                                 noise_correction=cfg.noise_correction, device=device) for s in range(1, n + 1)}
+                                 seed=base.seed, noise_correction=cfg.noise_correction, device=device) for s in range(1, n + 1)}
         rows.append({"name": name, "what": DESCRIPTION[name], "run": run_dir, "model": student,
                      "command": row_command(cfg, run_dir, flag, flags_of) if flags_of else None,
                      "selected_iter": meta.get("validation", {}).get("iter", meta.get("train_iters")),
@@ -108,7 +112,8 @@ def _ablate(base: DistillConfig, out: str, classifier: str, *, samples: int, var
     tdir = os.path.join(out, "teacher")
     os.makedirs(tdir, exist_ok=True)
     teacher_evals = {s: _eval_cached(os.path.join(tdir, f"eval-{s}step.json"), base.teacher, s,
-                                     samples, features, guidance=base.guidance, device=device)
+                                     samples, features, seed=base.seed, compile=s == TEACHER_REFERENCE_STEPS,
+                                     guidance=base.guidance, device=device)
                      for s in list(range(1, n + 1)) + [TEACHER_REFERENCE_STEPS]}
     result = {"command": command, "steps": n, "iters": base.iters, "seed": base.seed, "samples": samples, "teacher": base.teacher,
               "classifier": classifier, "config": dataclasses.asdict(base), "rows": rows,
@@ -153,7 +158,8 @@ def markdown(res: dict) -> str:
         f"recall @{n}", f"washed @{n}", "selected iter"]
     space = res["teacher_rows"][str(n) if str(n) in res["teacher_rows"] else n].get("headline_space", "?")
     lines = [f"# Ablation: {n}-step students, {res['iters']} iterations each, seed {res['seed']}", "",
-             f"FD, accuracy and recall from `flashcore eval` ({res['samples']} samples, seed 0, feature space "
+             f"FD, accuracy and recall from `flashcore eval` ({res['samples']} samples, sampling seed {res['seed']} "
+             f"(the distillation seed), feature space "
              f"`{space}`, against the eval split; the JSON holds every headline space). Every student is the EMA "
              f"checkpoint that the validation FD (classifier `{_shown(res['classifier'])}`, train split, seed 1) "
              "picked during its run; that space is never reported here."]

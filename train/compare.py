@@ -271,7 +271,7 @@ def run_cell(cc: CompareConfig, out: str, method: str, steps: int, seed: int, de
                 write_json(tpath, timing)
     student = os.path.join(run, "student")
     meta = read_json(os.path.join(student, "config.json"))
-    ev = _eval_cached(os.path.join(cdir, "eval.json"), student, steps, cc.samples, _features(cc),
+    ev = _eval_cached(os.path.join(cdir, "eval.json"), student, steps, cc.samples, _features(cc), seed=seed,
                       noise_correction=cfg.noise_correction, clip=sampling_clip(meta, None), device=device)
     segs = timing["segments"]
     stage2_secs = sum(s["seconds"] for s in segs if s["stage"] != "path")

@@ -67,7 +67,8 @@ def markdown(res: dict) -> str:
     seeds = ", ".join(map(str, res["seeds"]))
     lines = [f"# Head to head: {res['iters']} generator updates a run, seeds {seeds}", "",
              f"Every figure is `flashcore eval`'s protocol (`flashcore.evaluate`): {res['samples']} samples "
-             "(sampling seed 0), clamped to [-1, 1] and rounded to 8 bits, against the eval split, in the "
+             "(sampling seed = the run's distillation seed; the teacher's row: seed 0), clamped to [-1, 1] and "
+             "rounded to 8 bits, against the eval split, in the "
              f"headline feature spaces {', '.join(f'`{s}`' for s in spaces)}. Each run's student is the EMA "
              f"generator its validation FD (classifier `{res['classifier']}`, train split) picked; that space is "
              "never reported. A cell is mean ± sample standard deviation over the seeds (one training run "
