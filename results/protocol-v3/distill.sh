@@ -5,6 +5,9 @@
 # The exported student of each run is the EMA one the validation FD picked
 # (checkpoints/mnist-classifier on the train split; no headline space).
 # Usage: results/protocol-v3/distill.sh [n ...]   (default: 3 1 2)
+# The 1-step students with k = 4 teacher steps in the SRL target (row student1k4-1):
+#   RUNS=runs/k4 EXTRA="--srl-noise student --k 4" results/protocol-v3/distill.sh 1
+# On a CPU without native bf16 (AVX2 only) distill trains in float32 (its config.json says which).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ -x .venv/bin/flashcore ] && PATH="$PWD/.venv/bin:$PATH"   # the make install environment

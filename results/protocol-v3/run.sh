@@ -5,7 +5,8 @@
 # sampling seeds 0, 1, 2. Writes results/protocol-v3/<row>-s<seed>.json (the
 # committed ones were made with RUNS=/work/runs/protocol-v3, recorded as runs/protocol-v3);
 # python results/summarize.py results/protocol-v3 makes summary.md.
-# Usage: results/protocol-v3/run.sh [rows...]  (rows: student<n>-<steps>, teacher-<steps>)
+# Usage: results/protocol-v3/run.sh [rows...]  (rows: student<n>-<steps>, teacher-<steps>, student1k4-1:
+# the 1-step students distilled with --k 4 into $RUNS_K4, default runs/k4; see distill.sh)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ -x .venv/bin/flashcore ] && PATH="$PWD/.venv/bin:$PATH"   # the make install environment
@@ -20,6 +21,7 @@ for row in "${rows[@]}"; do
     f=$out/$row-s$seed.json
     [ -f "$f" ] && continue
     case $row in
+      student1k4-1) model=${RUNS_K4:-runs/k4}/student1-seed$seed/student; steps=1; extra=() ;;
       student*) n=${row#student}; n=${n%%-*}; model=$RUNS/student$n-seed$seed/student; steps=${row#*-}; extra=() ;;
       teacher-50) model=$TEACHER; steps=50; extra=(--compile) ;;
       teacher-*) model=$TEACHER; steps=${row#teacher-}; extra=() ;;
