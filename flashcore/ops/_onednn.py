@@ -3,22 +3,25 @@ so only the question whether this torch build has it. The rows that call it are
 declared by their ops (today ``linear``)."""
 from __future__ import annotations
 
-import functools
-
 import torch
 
+# Both are properties of the torch build and the CPU, asked once at import: asked per
+# call they would also be traced by torch.compile, which refuses to trace
+# torch.backends.mkldnn.is_available (a skipped function) and so breaks a fullgraph
+# compile of anything that dispatches through linear.
+_AVAILABLE = bool(torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+_BF16 = _AVAILABLE and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
-@functools.cache          # a property of the torch build, asked on every call otherwise
+
 def available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return _AVAILABLE
 
 
-@functools.cache          # a property of the CPU and the build
 def bf16_native() -> bool:
     """Whether oneDNN computes bfloat16 on this CPU. It needs AVX-512 (BW, VL, DQ) or
     AVX-NE-CONVERT; on an AVX2-only CPU (AMD Zen 3, most small x86 boards) it refuses
     to create the primitive ("could not create a primitive descriptor")."""
-    return available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return _BF16
 
 
 def bf16_reason(*tensors) -> str | None:
