@@ -11,6 +11,8 @@ as a deployment of those would not.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import sys
 import time
@@ -67,14 +69,57 @@ def openvino_config(dtype: str, threads: int) -> dict:
             "INFERENCE_PRECISION_HINT": "bf16" if dtype == "bf16" else "f32"}
 
 
+class _StackT(ctypes.Structure):          # struct stack_t of sigaltstack(2), Linux x86-64/aarch64
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+def _sigaltstack():
+    """(libc, the calling thread's stack_t), or None where sigaltstack is not available."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        st = _StackT()
+        return (libc, st) if libc.sigaltstack(None, ctypes.byref(st)) == 0 else None
+    except (OSError, AttributeError):
+        return None
+
+
+def signal_stack() -> tuple[int, int, int]:
+    """The calling thread's alternate signal stack: (address, flags, size); flags 2
+    (SS_DISABLE) when it has none, -1 where sigaltstack is not available."""
+    got = _sigaltstack()
+    return (0, -1, 0) if got is None else (got[1].ss_sp or 0, got[1].ss_flags, got[1].ss_size)
+
+
+@contextlib.contextmanager
+def keep_signal_stack():
+    """Puts the calling thread's alternate signal stack back as it was on entry.
+
+    OpenVINO's CPU plugin (2026.4), the first time it compiles a model in a thread,
+    installs a 12 KB alternate signal stack of its own there and does not put the old
+    one back; that memory is unmapped later (seen when its objects are collected),
+    and the thread keeps pointing at it. Python runs the C part of every signal
+    handler on the alternate stack (SA_ONSTACK), faulthandler too, so the next
+    SIGTERM or Ctrl-C in the process died with SIGSEGV instead of reaching its
+    handler (a run's graceful checkpoint on SIGTERM, after the step suite had run
+    OpenVINO in the same process). Restoring the previous stack right after the
+    compile is enough: the plugin installs its own only once per thread."""
+    got = _sigaltstack()
+    try:
+        yield
+    finally:
+        if got is not None:
+            got[0].sigaltstack(ctypes.byref(got[1]), None)
+
+
 def openvino_request(artifact: str, dtype: str, threads: int):
     """(infer request, the precision OpenVINO really computes in: "f32" or "bf16") for
     ARTIFACT compiled on the CPU plugin with ``openvino_config``: the one way the deploy
     and step suites set OpenVINO up. The precision is the compiled model's own answer
     because a CPU without native bf16 turns the bf16 hint into f32 without a warning."""
     import openvino as ov
-    compiled = ov.Core().compile_model(artifact, "CPU", openvino_config(dtype, threads))
-    return compiled.create_infer_request(), compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+    with keep_signal_stack():
+        compiled = ov.Core().compile_model(artifact, "CPU", openvino_config(dtype, threads))
+        return compiled.create_infer_request(), compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
 
 
 def main(argv: list[str]) -> int:

@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -81,3 +82,46 @@ def test_deploy_suite_quick(runner_built, tmp_path, monkeypatch):
     assert (out / "deploy.md").exists()
     with (out / "results.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)
+
+
+_CHILD = r"""
+import gc, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import deploy_child as dc
+before = dc.signal_stack()
+if sys.argv[3] == "guarded":
+    req, _ = dc.openvino_request(sys.argv[2], "fp32", 1)
+else:                                   # what openvino_request did before keep_signal_stack
+    import openvino as ov
+    req = ov.Core().compile_model(sys.argv[2], "CPU", dc.openvino_config("fp32", 1)).create_infer_request()
+after = dc.signal_stack()
+del req
+gc.collect()
+got = []
+signal.signal(signal.SIGTERM, lambda *a: got.append(1))
+os.kill(os.getpid(), signal.SIGTERM)
+print(before == after, bool(got), flush=True)
+"""
+
+
+def test_openvino_leaves_the_signal_stack_as_it_found_it(tmp_path):
+    """OpenVINO's CPU plugin installs an alternate signal stack of its own in the thread
+    that first compiles a model, and unmaps it later: a SIGTERM after that died with
+    SIGSEGV (a run's graceful stop, in the quick suite after the step suite's OpenVINO
+    rows). ``openvino_request`` puts the thread's stack back; in a fresh process each,
+    so that the compile is the plugin's first. The unguarded compile is run too, to show
+    the check can see the plugin's change on this machine."""
+    pytest.importorskip("openvino")
+    from flashcore.cli_bench import BENCH_DIR
+    onnx = str(tmp_path / "lin.onnx")
+    torch.onnx.export(torch.nn.Linear(4, 4), (torch.ones(1, 4),), onnx, dynamo=False)
+
+    def child(mode):
+        return subprocess.run([sys.executable, "-c", _CHILD, str(BENCH_DIR), onnx, mode],
+                              capture_output=True, text=True, timeout=120)
+    raw = child("raw")
+    if raw.returncode == 0 and raw.stdout.split()[:1] == ["True"]:
+        pytest.skip("this OpenVINO build leaves the signal stack alone: nothing to guard against")
+    assert raw.returncode != 0 or raw.stdout.split()[:1] == ["False"], (raw.returncode, raw.stdout)
+    r = child("guarded")
+    assert r.returncode == 0 and r.stdout.split() == ["True", "True"], (r.returncode, r.stdout, r.stderr[-2000:])
