@@ -5,9 +5,11 @@
 # The exported student of each run is the EMA one the validation FD picked
 # (checkpoints/mnist-classifier on the train split; no headline space).
 # Usage: results/protocol-v3/distill.sh [n ...]   (default: 3 1 2)
-# The 1-step students with k = 4 teacher steps in the SRL target (row student1k4-1):
-#   RUNS=runs/k4 EXTRA="--srl-noise student --k 4" results/protocol-v3/distill.sh 1
-# On a CPU without native bf16 (AVX2 only) distill trains in float32 (its config.json says which).
+# The 1-step students with k = 4 teacher steps in the SRL target (row student1k4-1), in float32
+# (the first of them trained on a CPU without native bf16, where distill turns bf16 off; the
+# three seeds of the row all train in float32 so that they differ only by seed):
+#   RUNS=runs/k4 EXTRA="--srl-noise student --k 4 --config results/protocol-v3/fp32.json" results/protocol-v3/distill.sh 1
+# On a CPU without native bf16 (AVX2 only) distill trains in float32 anyway (its config.json says which).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ -x .venv/bin/flashcore ] && PATH="$PWD/.venv/bin:$PATH"   # the make install environment
