@@ -18,10 +18,10 @@ ORDER = ["teacher-50", "teacher-3", "student3-3", "student3fresh-3", "teacher-2"
 NAMES = {"teacher-50": "teacher, 50 CFG steps", "teacher-3": "teacher, 3 CFG steps",
          "teacher-2": "teacher, 2 CFG steps", "teacher-1": "teacher, 1 CFG step",
          "student3-3": "3-step student, 3 steps", "student3-2": "3-step student, 2 steps",
-         "student3-1": "3-step student, 1 step", "student1-1": "1-step student, 1 step",
+         "student3-1": "3-step student, 1 step", "student1-1": "1-step student, k = 1 (earlier, not shipped), 1 step",
          "student2-2": "2-step student, 2 steps",
          "student3fresh-3": "3-step student, SRL fresh noise (the paper's), 3 steps", "student2-1": "2-step student, 1 step",
-         "student1k4-1": "1-step student, k = 4 teacher steps in the SRL target, 1 step"}
+         "student1k4-1": "1-step student (shipped), k = 4 teacher steps in the SRL target, 1 step"}
 TITLE = {"protocol-v2": "Shipped checkpoints (before the v-prediction teacher)",
          "protocol-v3": "The v-prediction zero-terminal-SNR teacher and its students"}
 
