@@ -49,13 +49,14 @@ RUNNER = B.ROOT / "build" / "flashcore-run"
 CHILD = Path(__file__).resolve().parent / "deploy_child.py"
 ARTIFACTS = B.ROOT / "out" / "deploy"
 SHAPE = (1, 28, 28)
-NOTES = ["value: ms per image (p50 of a batch call / batch); p50/p20-p80 ms: per batch call; every provider of "
-         "a batch, both dtypes, timed side by side (measure_interleaved)",
-         "cold start (unit s): process spawn to first image in a fresh process; note: its peak RSS (VmHWM) "
-         "and the artifact's size",
-         "bf16: flashcore-run runs a --bf16 export (weights and network in bfloat16, update in fp32); the "
-         "engine runs CPU autocast; OpenVINO its bf16 inference precision hint on the fp32 ONNX file; "
-         "ONNX Runtime has no bf16 CPU kernels"]
+BASE_NOTES = ("value: ms per image (p50 of a batch call / batch); p50/p20-p80 ms: per batch call; every provider of "
+              "a batch, both dtypes, timed side by side (measure_interleaved)",
+              "cold start (unit s): process spawn to first image in a fresh process; note: its peak RSS (VmHWM) "
+              "and the artifact's size",
+              "bf16: flashcore-run runs a --bf16 export (weights and network in bfloat16, update in fp32); the "
+              "engine runs CPU autocast; OpenVINO its bf16 inference precision hint on the fp32 ONNX file; "
+              "ONNX Runtime has no bf16 CPU kernels")
+NOTES: list[str] = list(BASE_NOTES)      # run() adds why a dtype or precision differs from what was asked
 
 
 def threads_default() -> int:
@@ -145,6 +146,7 @@ def run(quick: bool = False, providers=None, log=None, threads: int | None = Non
     import numpy as np
     import onnxruntime as ort
 
+    NOTES[:] = BASE_NOTES                  # a second run() in one process starts from the base notes again
     threads = threads or threads_default()
     torch.set_num_threads(threads)
     use_runner = B.keep_provider("flashcore-run", providers)
@@ -164,7 +166,7 @@ def run(quick: bool = False, providers=None, log=None, threads: int | None = Non
             # bf16 here would be emulated by torch and silently f32 in OpenVINO: no comparison of bf16 at all
             dtypes = ("fp32",)
             why = (f"bf16 left out: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 "
-                   "(--dtypes bf16 runs it anyway)")
+                   "(python bench/bench_deploy.py --dtypes bf16 runs it anyway)")
             if why not in NOTES:
                 NOTES.append(why)
             if log:

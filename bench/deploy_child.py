@@ -79,7 +79,7 @@ def _sigaltstack():
         libc = ctypes.CDLL(None, use_errno=True)
         st = _StackT()
         return (libc, st) if libc.sigaltstack(None, ctypes.byref(st)) == 0 else None
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):     # no libc by that name (not Linux)
         return None
 
 
@@ -107,8 +107,10 @@ def keep_signal_stack():
     try:
         yield
     finally:
-        if got is not None:
-            got[0].sigaltstack(ctypes.byref(got[1]), None)
+        if got is not None and got[0].sigaltstack(ctypes.byref(got[1]), None) != 0:
+            import os
+            sys.stderr.write(f"warning: could not restore this thread's signal stack "
+                             f"({os.strerror(ctypes.get_errno())}): a later signal may crash the process\n")
 
 
 def openvino_request(artifact: str, dtype: str, threads: int):

@@ -216,7 +216,7 @@ def test_batch_must_split_over_processes(tiny_teacher):
 def test_bf16_autocast_only_where_the_cpu_computes_bf16(tiny_teacher, tmp_path, monkeypatch, capsys):
     """On a CPU without oneDNN's bf16 path (AVX2 only) autocast would emulate bf16
     several times slower than float32: the run trains in float32, says so once, and
-    its saved config records it; elsewhere bf16 stays."""
+    its saved config records it; elsewhere bf16 stays, and so does a resumed bf16 run."""
     from flashcore.ops import _onednn
     for native in (False, True):
         monkeypatch.setattr(_onednn, "bf16_native", lambda native=native: native)
@@ -224,6 +224,12 @@ def test_bf16_autocast_only_where_the_cpu_computes_bf16(tiny_teacher, tmp_path, 
         distill(cfg_for(tiny_teacher, iters=1, checkpoint_every=1), run, progress=False)
         assert json.load(open(os.path.join(run, "config.json")))["bf16"] is native
         assert ("no native bfloat16" in capsys.readouterr().err) is (not native)
+    # a bf16 run resumed on a CPU without native bf16 stays bf16 (exact), saying so
+    monkeypatch.setattr(_onednn, "bf16_native", lambda: False)
+    run = str(tmp_path / "run-True")
+    distill(cfg_for(tiny_teacher, iters=2, checkpoint_every=1), run, resume=True, progress=False)
+    assert json.load(open(os.path.join(run, "config.json")))["bf16"] is True
+    assert "resuming in bf16 to keep the run exact" in capsys.readouterr().err
 
 
 # -- validation and ablate ------------------------------------------------------------------

@@ -108,8 +108,9 @@ def test_onnx_matches_the_sampler(student):
     got = torch.from_numpy(sess.run(None, {"x_T": x_T.numpy(), "labels": labels.numpy()})[0])
     torch.testing.assert_close(got, ref, rtol=0, atol=ATOL)
     # OpenVINO, in f32 (its CPU default is bf16 where the CPU has it): the file runs there too
-    ov = pytest.importorskip("openvino")
-    req = ov.Core().compile_model(out, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+    pytest.importorskip("openvino")
+    from flashcore.cli_bench import load_bench
+    req, _ = load_bench("deploy_child").openvino_request(out, "fp32", torch.get_num_threads())   # keeps the signal stack
     got = torch.from_numpy(np.array(req.infer({"x_T": x_T.numpy(), "labels": labels.numpy()})[0]))
     torch.testing.assert_close(got, ref, rtol=0, atol=OV_ATOL)
 

@@ -32,15 +32,22 @@ import torch
 from flashcore import checkpoint as ck
 
 
-def native_bf16(cfg, device, what: str):
+def native_bf16(cfg, device, what: str, *, resume: bool = False):
     """``cfg`` with ``bf16`` (autocast) turned off when training on a CPU where oneDNN
     has no bfloat16 path (AVX2 only, e.g. AMD Zen 3): there autocast emulates bf16,
     several times slower than float32 (a 3-step distill iteration at batch 64 on a
     2-core Zen 3: 19.5 s in bf16, 3.7 s in float32). Said once on stderr; the config
-    saved with the run records what ran."""
+    saved with the run records what ran. A resumed run keeps the precision it was
+    started in (switching half-way would make it a different run than its config
+    says): bf16 stays on, emulated, and that is said instead."""
     from flashcore.ops import _onednn
     if getattr(cfg, "bf16", False) and torch.device(device).type == "cpu" and not _onednn.bf16_native():
-        print(f"{what}: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bfloat16; training in "
+        cpu = torch.backends.cpu.get_cpu_capability()
+        if resume:
+            print(f"{what}: this CPU ({cpu}) has no native bfloat16, and the run trained in bf16 autocast: resuming "
+                  "in bf16 to keep the run exact (emulated, several times slower)", file=sys.stderr, flush=True)
+            return cfg
+        print(f"{what}: this CPU ({cpu}) has no native bfloat16; training in "
               "float32 (bf16 autocast would be emulated, several times slower)", file=sys.stderr, flush=True)
         return dataclasses.replace(cfg, bf16=False)
     return cfg

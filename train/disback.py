@@ -305,7 +305,7 @@ def _disback(cfg: DisBackConfig, run_dir: str, rank: int, world: int, resume: bo
                              f"resume it on the same number (got {world}) to keep the run exact")
         cfg = dataclasses.replace(common.saved_config_as(run_dir, DisBackConfig), iters=cfg.iters)
         stage = extra.get("stage", "path")
-    cfg = common.native_bf16(cfg, device, "disback")
+    cfg = common.native_bf16(cfg, device, "disback", resume=resume)
     if world > 1:
         tdist.barrier()          # every rank has checked run_dir before rank 0 writes to it
     tr = DisBackTrainer(cfg, run_dir, rank, world, device)

@@ -501,7 +501,7 @@ def _distill(cfg: DistillConfig, run_dir: str, rank: int, world: int, resume: bo
             raise ValueError(f"distill: {run_dir!r} was trained on {saved_world} process(es); resume it on "
                              f"the same number (got {world}) to keep the run exact")
         cfg = dataclasses.replace(common.saved_config_as(run_dir, DistillConfig), iters=cfg.iters)
-    cfg = common.native_bf16(cfg, device, "distill")
+    cfg = common.native_bf16(cfg, device, "distill", resume=resume)
     if world > 1:
         tdist.barrier()          # every rank has checked run_dir before rank 0 writes to it
     dist = Distiller(cfg, rank, world, device)

@@ -102,7 +102,7 @@ def _train_teacher(cfg: TeacherConfig, run_dir: str, resume: bool, progress: boo
         torch.set_num_threads(cfg.threads)
     if resume:
         cfg = dataclasses.replace(common.saved_config_as(run_dir, TeacherConfig), steps=cfg.steps)
-    cfg = common.native_bf16(cfg, "cpu", "train-teacher")
+    cfg = common.native_bf16(cfg, "cpu", "train-teacher", resume=resume)
     ds = fdata.load(cfg.data, size=cfg.model.sample_size, channels=cfg.model.channels)
     if ds.shape != (cfg.model.channels, cfg.model.sample_size, cfg.model.sample_size):
         cfg.model = dataclasses.replace(cfg.model, channels=ds.shape[0], sample_size=ds.shape[1])

@@ -11,6 +11,7 @@ import torch
 # compile of anything that dispatches through linear.
 _AVAILABLE = bool(torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 _BF16 = _AVAILABLE and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+_BF16_WHY = f"bfloat16 needs oneDNN's AVX-512 bf16 path, and this CPU has {torch.backends.cpu.get_cpu_capability()}"
 
 
 def available() -> bool:
@@ -28,5 +29,5 @@ def bf16_reason(*tensors) -> str | None:
     """``supports`` check of a row that runs bfloat16 through oneDNN: a reason when a
     bfloat16 tensor meets a CPU without oneDNN's bf16 path, else None."""
     if any(t is not None and t.dtype == torch.bfloat16 for t in tensors) and not bf16_native():
-        return f"bfloat16 needs oneDNN's AVX-512 bf16 path, and this CPU has {torch.backends.cpu.get_cpu_capability()}"
+        return _BF16_WHY
     return None

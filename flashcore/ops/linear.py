@@ -200,7 +200,7 @@ def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
     freezes anyway).
     """
     if (_DIRECT is None or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            or not torch.backends.mkldnn.is_available() or weight.device.type != "cpu"
+            or not _onednn.available() or weight.device.type != "cpu"
             or weight.dtype not in GEMV_ROWS or weight.dim() != 2 or min(weight.shape) == 0
             or _onednn.bf16_reason(weight) is not None):
         return None
