@@ -5,6 +5,7 @@ together is noise). Writes DIR/summary.md and prints it.
 
     python results/summarize.py results/protocol-v2
     python results/summarize.py results/protocol-v3
+    python results/summarize.py results/ablation-v3   (rows from results/ablation-v3/run.sh)
 """
 import collections
 import glob
@@ -13,17 +14,27 @@ import os
 import statistics
 import sys
 
-ORDER = ["teacher-50", "teacher-3", "student3-3", "student3fresh-3", "teacher-2", "student2-2", "student3-2", "teacher-1",
-         "student3-1", "student2-1", "student1-1", "student1k4-1"]
+ORDER = ["teacher-50", "teacher-3", "teacher-nocfg-3", "student3-3", "student3fresh-3", "teacher-2", "teacher-nocfg-2",
+         "student2-2", "student3-2", "teacher-1", "teacher-nocfg-1", "student3-1", "student2-1", "student1-1", "student1k4-1",
+         "full-3", "no-adversarial-3", "no-noise-correction-3", "no-srl-3", "forward-3"]
 NAMES = {"teacher-50": "teacher, 50 CFG steps", "teacher-3": "teacher, 3 CFG steps",
+         "teacher-nocfg-3": "teacher, 3 steps without CFG (where every student starts)",
+         "teacher-nocfg-2": "teacher, 2 steps without CFG (where every student starts)",
+         "teacher-nocfg-1": "teacher, 1 step without CFG (where every student starts)",
          "teacher-2": "teacher, 2 CFG steps", "teacher-1": "teacher, 1 CFG step",
          "student3-3": "3-step student, 3 steps", "student3-2": "3-step student, 2 steps",
          "student3-1": "3-step student, 1 step", "student1-1": "1-step student, k = 1 (earlier, not shipped), 1 step",
          "student2-2": "2-step student, 2 steps",
          "student3fresh-3": "3-step student, SRL fresh noise (the paper's), 3 steps", "student2-1": "2-step student, 1 step",
-         "student1k4-1": "1-step student (shipped), k = 4 teacher steps in the SRL target, 1 step"}
+         "student1k4-1": "1-step student (shipped), k = 4 teacher steps in the SRL target, 1 step",
+         "full-3": "full: backward distillation + SRL + noise correction + discriminator (3 steps)",
+         "no-adversarial-3": "without the discriminator (3 steps)",
+         "no-noise-correction-3": "without noise correction at t = T (3 steps)",
+         "no-srl-3": "without SRL: target from the student's own x_t (3 steps)",
+         "forward-3": "forward distillation: noised real images, no student rollouts (3 steps)"}
 TITLE = {"protocol-v2": "Shipped checkpoints (before the v-prediction teacher)",
-         "protocol-v3": "The v-prediction zero-terminal-SNR teacher and its students"}
+         "protocol-v3": "The v-prediction zero-terminal-SNR teacher and its students",
+         "ablation-v3": "Ablation of the 3-step student (each variant switches one part off; 200 iterations; distillation seed = sampling seed)"}
 
 
 def cell(vals, fmt):
