@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import os
 import sys
 import time
 
@@ -108,7 +109,6 @@ def keep_signal_stack():
         yield
     finally:
         if got is not None and got[0].sigaltstack(ctypes.byref(got[1]), None) != 0:
-            import os
             sys.stderr.write(f"warning: could not restore this thread's signal stack "
                              f"({os.strerror(ctypes.get_errno())}): a later signal may crash the process\n")
 
