@@ -4,10 +4,12 @@
 # distill settings as results/protocol-v3/distill.sh, each variant switching one part
 # off, evaluated with sampling seed = distillation seed. The full method's row and the
 # teacher's rows are the protocol-v3 runs of the same settings and seed, copied, not
-# re-run (the full students trained in bf16 on another CPU, AMD Zen 4, than the
-# variants here may: bf16 training is not checked to be bit-reproducible across CPUs,
-# float32 is); the teacher's evals (the same eval command and seed) are placed in the
-# ablation folder first so that ablate reuses them instead of sampling again.
+# re-run (the full students trained in bf16 on an AMD Zen 4, the committed variants on
+# a Zen 5; the runs without noise correction, a no-op with this teacher, land within
+# 0.05 FD of the full ones, so the two CPUs agree to about that); the teacher's evals
+# (the same eval command and seed) are placed in the ablation folder first so that
+# ablate reuses them instead of sampling again. The per-seed ablation.md copies have
+# this machine's run folder rewritten as runs/...
 # Then: python results/summarize.py results/ablation-v3
 set -euo pipefail
 cd "$(dirname "$0")/../.."
