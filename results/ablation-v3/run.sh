@@ -8,8 +8,9 @@
 # a Zen 5; the runs without noise correction, a no-op with this teacher, land within
 # 0.05 FD of the full ones, so the two CPUs agree to about that); the teacher's evals
 # (the same eval command and seed) are placed in the ablation folder first so that
-# ablate reuses them instead of sampling again. The per-seed ablation.md copies have
-# this machine's run folder rewritten as runs/...
+# ablate reuses them instead of sampling again. The per-seed ablation.md copies drop
+# the checkout's absolute path (the committed ones were made with RUNS=/work/runs/ablation-v3,
+# recorded as runs/ablation-v3).
 # Then: python results/summarize.py results/ablation-v3
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -31,4 +32,5 @@ json.dump(r, open('$out/teacher/eval-${s}step.json','w'), indent=1)"
   cp results/protocol-v3/student3-3-s$seed.json results/ablation-v3/full-3-s$seed.json
   for t in 3 50; do cp results/protocol-v3/teacher-$t-s$seed.json results/ablation-v3/teacher-$t-s$seed.json; done
   for f in ablation.md ablation.png; do cp "$out/$f" "results/ablation-v3/seed$seed-$f"; done
+  sed -i "s#$PWD/##g" "results/ablation-v3/seed$seed-ablation.md"
 done
