@@ -134,6 +134,77 @@ def cmd_train_teacher(a) -> int:
     return 0
 
 
+def _add_train_vae(sub):
+    p = _command(sub, "train-vae", "train the AutoencoderKL of a text-to-image latent teacher")
+    p.add_argument("--out", required=True, type=out_dir, help="run directory; the VAE is written to OUT/vae")
+    p.add_argument("--data", type=data_name, default="mnist", help="data set: mnist, digits or folder:PATH")
+    t = ("t2i", "VaeConfig", "VAE_RANGES")
+    config_flag(p, "--steps", *t, "steps", "total optimiser steps (with --resume, default: the run's own)")
+    config_flag(p, "--batch-size", *t, "batch_size", "images per optimiser step")
+    config_flag(p, "--lr", *t, "lr", "AdamW learning rate (after a linear warm-up)")
+    config_flag(p, "--kl-weight", *t, "kl_weight", "weight of the KL term against the mean absolute pixel error")
+    config_flag(p, "--checkpoint-every", *t, "checkpoint_every", "save a checkpoint every N steps")
+    config_flag(p, "--seed", *t, "seed", "seed of the initial weights and of every random draw")
+    p.add_argument("--no-bf16", action="store_true", help="train in float32 instead of bf16 autocast")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    return p
+
+
+def cmd_train_vae(a) -> int:
+    from flashcore.train.t2i import VaeConfig, train_vae
+    over = {k: v for k, v in {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "kl_weight": a.kl_weight,
+                              "checkpoint_every": a.checkpoint_every, "seed": a.seed}.items() if v is not None}
+    cfg = build_config(lambda: VaeConfig(data=a.data, bf16=not a.no_bf16, **over))
+    print(f"vae saved to {train_vae(cfg, a.out, resume=a.resume)}")
+    return 0
+
+
+def _add_train_t2i(sub):
+    p = _command(sub, "train-t2i-teacher", "train a text-to-image latent teacher (UNet2DConditionModel and CLIP "
+                                           "text encoder) on captioned digits, in a train-vae VAE's latent space")
+    p.add_argument("--out", required=True, type=out_dir,
+                   help="run directory; the teacher pipeline is written to OUT/teacher")
+    p.add_argument("--vae", default=None, help="the VAE folder train-vae wrote (OUT/vae of its run); required "
+                                               "unless --resume")
+    t = ("t2i", "T2ITeacherConfig", "T2I_RANGES")
+    config_flag(p, "--steps", *t, "steps", "total optimiser steps (with --resume, default: the run's own)")
+    config_flag(p, "--batch-size", *t, "batch_size", "latents per optimiser step")
+    config_flag(p, "--lr", *t, "lr", "AdamW learning rate (after a linear warm-up)")
+    config_flag(p, "--width", *t, "width", "UNet channels of the first level (the second has twice)")
+    config_flag(p, "--guidance", *t, "guidance", "the CFG scale saved with the pipeline")
+    config_flag(p, "--checkpoint-every", *t, "checkpoint_every", "save a checkpoint and a sample grid every N steps")
+    config_flag(p, "--seed", *t, "seed", "seed of the initial weights and of every random draw")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                   help="what the UNet predicts (default: epsilon)")
+    p.add_argument("--no-bf16", action="store_true", help="train in float32 instead of bf16 autocast")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out exactly (only --steps may differ from the run's settings)")
+    return p
+
+
+def cmd_train_t2i(a) -> int:
+    from flashcore.train import common
+    from flashcore.train.t2i import T2ITeacherConfig, train_t2i_teacher
+    over = {k: v for k, v in {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "width": a.width,
+                              "guidance": a.guidance, "checkpoint_every": a.checkpoint_every, "seed": a.seed,
+                              "prediction_type": a.prediction_type}.items() if v is not None}
+    if a.resume and common.has_state(a.out):
+        saved = common.saved_config(a.out)
+        given = {k: ("--" + k.replace("_", "-"), v) for k, v in over.items() if k != "steps"}
+        if a.vae is not None:
+            given["vae"] = ("--vae", a.vae)
+        if a.no_bf16:
+            given["bf16"] = ("--no-bf16", False)
+        check_resume(a.out, saved, given, "train-t2i-teacher")
+        cfg = build_config(lambda: T2ITeacherConfig(vae=saved["vae"], steps=a.steps or saved["steps"]))
+    else:
+        if a.vae is None:
+            raise UsageError("--vae: the VAE folder is required (train one with flashcore train-vae)")
+        cfg = build_config(lambda: T2ITeacherConfig(vae=a.vae, bf16=not a.no_bf16, **over))
+    print(f"teacher saved to {train_t2i_teacher(cfg, a.out, resume=a.resume)}")
+    return 0
+
+
 def _add_train_classifier(sub):
     p = _command(sub, "train-classifier", "train a feature network: the validation classifier (--arch cnn) "
                                           "or one of eval's headline feature spaces (bncnn, mlp)")
@@ -194,6 +265,9 @@ def _add_eval(sub):
     p.add_argument("--seed", type=_seed, default=0, help="seed of the sampling noise and of the FD floor's subset")
     p.add_argument("--json", type=out_file, default=None,
                    help="also write the result as JSON here (checked writable before the run; default: none)")
+    p.add_argument("--prompts", default=None,
+                   help="a text model's prompts, one a line, each a caption of a digit (default: the prompts it "
+                        "was trained or distilled on); its digit is what the image is scored against")
     _add_sampling_flags(p)
     return p
 
@@ -210,7 +284,7 @@ def cmd_eval(a) -> int:
     try:
         r = evaluate(a.model, a.features, steps=steps, guidance=a.cfg, samples=a.samples, seed=a.seed, k=a.k,
                      noise_correction=nc, clip=sampling_clip(meta, a.clip), progress=True,
-                     refuse_validation_space=True,
+                     refuse_validation_space=True, prompts=a.prompts,
                      **_engine_kwargs(a))
     except (torch.linalg.LinAlgError, np.linalg.LinAlgError) as e:
         # the FD's matrix square root fails on non-finite features: the samples were NaN or inf
@@ -416,6 +490,8 @@ def cmd_export(a) -> int:
 COMMANDS = {
     "train-teacher": (_add_train_teacher, cmd_train_teacher),
     "train-classifier": (_add_train_classifier, cmd_train_classifier),
+    "train-vae": (_add_train_vae, cmd_train_vae),
+    "train-t2i-teacher": (_add_train_t2i, cmd_train_t2i),
     "eval": (_add_eval, cmd_eval),
     "generate": (_add_generate, cmd_generate),
     "demo": (_add_demo, cmd_demo),

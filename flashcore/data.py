@@ -163,3 +163,21 @@ def captioned(ds: Dataset, part: str = "train", *, held_out: bool = False,
     g = torch.Generator().manual_seed(seed)
     pick = torch.randint(0, len(choices), (len(y),), generator=g).tolist()
     return x, [caption(int(c), choices[p]) for c, p in zip(y.tolist(), pick)], y
+
+
+def caption_bank(held_out: bool = False) -> list[str]:
+    """Every caption of the trained phrasings (``held_out=False``) or of the held-out ones,
+    digit by digit: ``bank[d * P + p]`` is digit ``d`` in the ``p``-th phrasing of the set."""
+    n_train = len(PHRASINGS) - HELD_OUT_PHRASINGS
+    phrasings = range(n_train, len(PHRASINGS)) if held_out else range(n_train)
+    return [caption(d, p) for d in range(len(DIGIT_WORDS)) for p in phrasings]
+
+
+def caption_digit(prompt: str) -> int | None:
+    """The digit a caption of ``PHRASINGS`` names (any phrasing, trained or held out), or None
+    for text that is not one of them (spaces and case as ``caption`` writes them)."""
+    text = " ".join(prompt.lower().split())
+    for d in range(len(DIGIT_WORDS)):
+        if any(text == caption(d, p) for p in range(len(PHRASINGS))):
+            return d
+    return None

@@ -164,15 +164,22 @@ def evaluate(model_dir: str, features: str | list[str] | tuple[str, ...] | None 
              guidance: float | None = None, samples: int = 1000, seed: int = 0, k: int = 5,
              noise_correction: bool = True, clip: float = 0.0, compile: bool = False,
              dtype: torch.dtype = torch.float32, progress: bool = False,
-             refuse_validation_space: bool = False, device: str | torch.device | None = None) -> dict:
+             refuse_validation_space: bool = False, device: str | torch.device | None = None,
+             prompts: list[str] | str | None = None) -> dict:
     """Every figure of ``flashcore eval`` as a JSON-ready dict.
 
     ``features``: the headline feature networks (default ``HEADLINE_FEATURES``);
     the first also gives the top-level ``fd`` and ``accuracy``. A network that is
     the model's validation space is flagged (``is_validation_space``), or refused
-    with ``refuse_validation_space``."""
-    from .foreign import load_model
-    model, meta = load_model(model_dir)
+    with ``refuse_validation_space``.
+
+    A text-to-image model of the captioned digits is conditioned on ``prompts`` (a list
+    or a file; default: the prompts it was trained or distilled on), in turn; each must
+    be a caption of ``flashcore.data.PHRASINGS``, whose digit is the class its image is
+    scored against: ``accuracy`` is then prompt accuracy. A latent model's samples are
+    decoded by its VAE before anything is scored."""
+    from .foreign import decode, load_model
+    model, meta = load_model(model_dir, prompts=prompts)
     if not meta.get("data"):
         raise ValueError(f"eval: {model_dir!r} comes from a diffusers folder with no data set; eval scores models "
                          "of flashcore's data sets (its feature networks and reference split)")
@@ -198,7 +205,19 @@ def evaluate(model_dir: str, features: str | list[str] | tuple[str, ...] | None 
     if guidance is None:
         guidance = float(meta.get("guidance") or 1.0)   # a distilled student has none: 1 NFE a step
     ds = fdata.load(meta["data"])
-    labels = torch.arange(samples) % model.cfg.num_classes
+    conditions = torch.arange(samples) % model.cfg.num_classes
+    labels, prompt_info = conditions, None
+    if model.cfg.conditioning == "text":
+        bank = list(meta["prompts"])
+        digits = [fdata.caption_digit(p) for p in bank]
+        bad = [p for p, d in zip(bank, digits) if d is None]
+        if bad:
+            raise ValueError(f"eval: the prompt {bad[0]!r} is not a caption of a digit in one of flashcore.data's "
+                             "phrasings; eval scores a text model by the digit its prompt names")
+        labels = torch.tensor(digits)[conditions]
+        prompt_info = {"count": len(bank), "file": prompts if isinstance(prompts, str) else None,
+                       "held_out": all(p in fdata.caption_bank(held_out=True) for p in bank),
+                       "prompts": bank}
     x_ref, y_ref = fdata.split(ds, "eval")
     x_tr, y_tr = fdata.split(ds, "train")
     sub = class_balanced_subset(y_tr, labels, seed)
@@ -206,8 +225,10 @@ def evaluate(model_dir: str, features: str | list[str] | tuple[str, ...] | None 
         raise ValueError(f"eval: k = {k} needs 1 <= k < every set's size: {samples} samples, "
                          f"{len(x_ref)} reference images, {len(sub)} floor images")
     x_ref, x_floor, y_floor = user_images(x_ref), user_images(x_tr[sub]), y_tr[sub]
-    raw, secs = generate(model, meta, labels, steps=steps, guidance=guidance, noise_correction=noise_correction,
-                         clip=clip, seed=seed, compile=compile, dtype=dtype, progress=progress, device=device)
+    raw, secs = generate(model, meta, conditions, steps=steps, guidance=guidance,
+                         noise_correction=noise_correction, clip=clip, seed=seed, compile=compile, dtype=dtype,
+                         progress=progress, device=device)
+    raw = decode(model, raw).cpu()                  # a latent model's samples as images
     x = user_images(raw)
     per_space = {}
     for name, clf, info in spaces:
@@ -233,6 +254,7 @@ def evaluate(model_dir: str, features: str | list[str] | tuple[str, ...] | None 
         "blank_share": blank, "blank_share_floor": blank_flo, "washed_share": washed, "washed_share_floor": washed_flo,
         "seconds": secs, "ms_per_image": 1000 * secs / samples,
         "compile": compile, "dtype": str(dtype).replace("torch.", ""),
+        "prompts": prompt_info, "latent": bool(getattr(model.cfg, "latent", False)),
     }
 
 
@@ -254,5 +276,8 @@ def summary(r: dict) -> str:
     lines.append("pixels (real): " + ", ".join(
         f"{label} {f(p[n]['value'], '.3f')} ({f(p[n]['real'], '.3f')})"
         for n, label in (("background", "background"), ("midtone_share", "mid-tone share"), ("stroke", "stroke"))))
+    if r.get("prompts"):
+        lines.append(f"prompt accuracy ({r['prompts']['count']} prompts, "
+                     f"{'held-out' if r['prompts']['held_out'] else 'trained'} phrasings): {r['accuracy']:.3f}")
     lines.append(f"validation space (picks students, not reported): {r['validation_space']['path']}")
     return "\n".join(lines)

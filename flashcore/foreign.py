@@ -413,14 +413,20 @@ def student_from(teacher: Denoiser, cfg) -> Denoiser:
 
 
 def check_distill(cfg, meta: dict) -> None:
-    """A teacher without a data set (a diffusers folder) can give no real images: the
-    parts of a run that need them must be switched off, not silently skipped."""
-    if meta.get("data"):
+    """The parts of a run that need real images in the teacher's space (the discriminator,
+    forward-noised states, validation FD) must be switched off, not silently skipped, for a
+    teacher without a data set (a diffusers folder) and for a latent or text-conditioned one
+    (its data set's images are pixels with class labels, not latents with prompts)."""
+    model = meta.get("model") or {}
+    latent_or_text = bool(model.get("latent")) or model.get("conditioning") == "text"
+    if meta.get("data") and not latent_or_text:
         return
     need = [flag for on, flag in ((cfg.adversarial, "--no-adversarial"), (cfg.priors()[0] > 0, "--beta-fwd 0"),
                                   (bool(cfg.val_every), "--val-every 0")) if on]
     if need:
-        raise ValueError(f"distill: the teacher {cfg.teacher!r} comes with no data set, so there are no real "
+        why = ("is a latent or text-conditioned model: its data set holds pixel images with class labels, not "
+               "latents with prompts" if meta.get("data") else "comes with no data set")
+        raise ValueError(f"distill: the teacher {cfg.teacher!r} {why}, so there are no real "
                          f"images for the discriminator, forward states or validation; pass {' '.join(need)}")
 
 

@@ -6,6 +6,7 @@ together is noise). Writes DIR/summary.md and prints it.
     python results/summarize.py results/protocol-v2
     python results/summarize.py results/protocol-v3
     python results/summarize.py results/ablation-v3   (rows from results/ablation-v3/run.sh)
+    python results/summarize.py results/t2i           (rows <row>-trained / <row>-held-out: the prompts' phrasings)
 """
 import collections
 import glob
@@ -34,7 +35,29 @@ NAMES = {"teacher-50": "teacher, 50 CFG steps", "teacher-3": "teacher, 3 CFG ste
          "forward-3": "forward distillation: noised real images, no student rollouts (3 steps)"}
 TITLE = {"protocol-v2": "Shipped checkpoints (before the v-prediction teacher)",
          "protocol-v3": "The v-prediction zero-terminal-SNR teacher and its students",
+         "t2i": "The text-to-image latent teacher and its 3-step student (accuracy: prompt accuracy)",
          "ablation-v3": "Ablation of the 3-step student (each variant switches one part off; 200 iterations; distillation seed = sampling seed)"}
+
+
+PROMPT_SETS = (("-held-out", "held-out phrasings"), ("-trained", "trained phrasings"))
+
+
+def _base(name: str) -> tuple[str, str]:
+    """(row, prompt set) of a text-to-image row name such as teacher-50-held-out; ("", "") suffix otherwise."""
+    for suffix, words in PROMPT_SETS:
+        if name.endswith(suffix):
+            return name[:-len(suffix)], words
+    return name, ""
+
+
+def row_name(name: str) -> str:
+    base, words = _base(name)
+    return NAMES.get(base, base) + (f", {words}" if words else "")
+
+
+def row_order(name: str):
+    base, words = _base(name)
+    return (ORDER.index(base) if base in ORDER else len(ORDER), base, words)
 
 
 def cell(vals, fmt):
@@ -50,7 +73,7 @@ def main(here: str):
     runs = collections.defaultdict(list)
     for f in sorted(glob.glob(os.path.join(here, "*-s*.json"))):
         runs[os.path.basename(f).rsplit("-s", 1)[0]].append(json.load(open(f)))
-    rows = [r for r in ORDER if r in runs]
+    rows = sorted(runs, key=row_order)
     first = runs[rows[0]][0]
     spaces = list(first["feature_spaces"])
     title = TITLE.get(os.path.basename(os.path.normpath(here)), "Checkpoints")
@@ -80,7 +103,7 @@ def main(here: str):
     out.append("| " + " | ".join(floor) + " |")
     for name in rows:
         rs = runs[name]
-        line = [NAMES.get(name, name), str(rs[0]["nfe"]), ",".join(str(r["seed"]) for r in rs)]
+        line = [row_name(name), str(rs[0]["nfe"]), ",".join(str(r["seed"]) for r in rs)]
         for s in spaces:
             fs = [r["feature_spaces"][s] for r in rs]
             line += [cell([f["fd"] for f in fs], ".1f"), cell([f["recall"] for f in fs], ".3f"),
