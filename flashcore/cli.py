@@ -308,6 +308,8 @@ def _add_generate(sub):
     p.add_argument("--out", type=out_file, default="out/samples.png", help="the PNG grid to write, a row a class")
     p.add_argument("--prompts", default=None, help="a text model's prompts, a text file with one a line: a row a "
                                                    "prompt (default: the prompts a student was distilled on)")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="a text model's prompt, a row; repeat for more rows (instead of --prompts)")
     _add_sampling_flags(p)
     return p
 
@@ -322,7 +324,11 @@ def cmd_generate(a) -> int:
     if meta is not None:
         n = a.per_class * image_shape(meta)[0]
         check_memory("--per-class", a.per_class, sample_bytes(n, meta), f"{n} images")
-    model, meta = load_model(a.model, prompts=a.prompts)
+    if a.prompt and a.prompts:
+        raise UsageError("--prompt and --prompts: give the prompts one way, not both")
+    if a.prompt and not all(p.strip() for p in a.prompt):
+        raise UsageError("--prompt: a prompt cannot be empty (the empty prompt is the null condition of CFG)")
+    model, meta = load_model(a.model, prompts=a.prompt or a.prompts)
     guidance = a.cfg if a.cfg is not None else float(meta.get("guidance") or 1.0)
     labels = torch.arange(model.cfg.num_classes).repeat_interleave(a.per_class)
     x, secs = generate(model, meta, labels, steps=steps, guidance=guidance, noise_correction=nc, seed=a.seed,

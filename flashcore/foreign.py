@@ -393,10 +393,18 @@ def load_model(path: str, *, kinds: tuple[str, ...] = ("teacher", "student"),
     from .checkpoint import current_dir
     from .models import load_pretrained
     if is_flashcore(current_dir(path)) or not os.path.isdir(path):
-        return load_pretrained(path, kinds=kinds)
-    if isinstance(prompts, str):
-        prompts = read_prompts(prompts) if prompts else None
-    return load_foreign(path, kinds=kinds, prompts=prompts)
+        model, meta = load_pretrained(path, kinds=kinds)
+    else:
+        if isinstance(prompts, str):
+            prompts = read_prompts(prompts) if prompts else None
+        model, meta = load_foreign(path, kinds=kinds, prompts=prompts)
+    cond = getattr(model.cfg, "conditioning", "class")
+    if prompts and cond != "text":
+        # a prompt given to a model that cannot read it would be dropped without a word
+        what = "an unconditional" if cond == "none" else "a class-conditional"
+        raise CheckpointError(f"checkpoint: {path}: {what} model takes no prompt (--prompts and --prompt are for "
+                              "text-conditioned models)")
+    return model, meta
 
 
 # ---- distilling and saving -----------------------------------------------------------------------

@@ -193,3 +193,19 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert code == 1 and len(errors) == 1 and "not a VAE folder" in errors[0], err
     code, _, err = cli_run(["train-vae", "--out", str(tmp_path / "r3"), "--kl-weight", "-1"], capsys)
     assert code == 2 and "--kl-weight" in err
+
+
+def test_generate_takes_a_prompt_and_refuses_one_for_a_class_model(tiny_t2i, tmp_path, capsys):
+    _, t2i_run = tiny_t2i
+    png = str(tmp_path / "g.png")
+    code, out, err = cli_run(["generate", "--model", os.path.join(t2i_run, "teacher"), "--steps", "2",
+                              "--prompt", "a seven drawn in ink", "--prompt", "the digit two", "--per-class", "3",
+                              "--out", png], capsys)
+    assert code == 0, err
+    assert out.startswith("6 images, 2 steps") and os.path.getsize(png) > 0
+    from PIL import Image
+    assert Image.open(png).size[1] < Image.open(png).size[0]       # 2 rows of 3
+    code, _, err = cli_run(["generate", "--model", "checkpoints/mnist-student-3step", "--prompt", "seven",
+                            "--out", png], capsys)
+    errors = [ln for ln in err.splitlines() if ln.startswith("flashcore: error:")]
+    assert code == 1 and len(errors) == 1 and "class-conditional model takes no prompt" in errors[0], err
