@@ -150,11 +150,30 @@ def _add_train_vae(sub):
     return p
 
 
+def _resume_t2i(a, over: dict, extra: dict, what: str) -> dict | None:
+    """The saved config of the run in ``a.out`` when ``--resume`` finds one, after checking that no
+    flag asks for another value than the run has (None: a new run)."""
+    from flashcore.train import common
+    if not (a.resume and common.has_state(a.out)):
+        return None
+    saved = common.saved_config(a.out)
+    given = {k: ("--" + k.replace("_", "-"), v) for k, v in over.items() if k != "steps"}
+    given.update(extra)
+    if a.no_bf16:
+        given["bf16"] = ("--no-bf16", False)
+    check_resume(a.out, saved, given, what)
+    return saved
+
+
 def cmd_train_vae(a) -> int:
     from flashcore.train.t2i import VaeConfig, train_vae
     over = {k: v for k, v in {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "kl_weight": a.kl_weight,
                               "checkpoint_every": a.checkpoint_every, "seed": a.seed}.items() if v is not None}
-    cfg = build_config(lambda: VaeConfig(data=a.data, bf16=not a.no_bf16, **over))
+    saved = _resume_t2i(a, over, {"data": ("--data", a.data)} if a.data != "mnist" else {}, "train-vae")
+    if saved is not None:         # the run's own settings (train_vae reads them); only --steps may change
+        cfg = build_config(lambda: VaeConfig(steps=a.steps or saved.get("steps") or VaeConfig.steps))
+    else:
+        cfg = build_config(lambda: VaeConfig(data=a.data, bf16=not a.no_bf16, **over))
     print(f"vae saved to {train_vae(cfg, a.out, resume=a.resume)}")
     return 0
 
@@ -183,21 +202,17 @@ def _add_train_t2i(sub):
 
 
 def cmd_train_t2i(a) -> int:
-    from flashcore.train import common
     from flashcore.train.t2i import T2ITeacherConfig, train_t2i_teacher
     over = {k: v for k, v in {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "width": a.width,
                               "guidance": a.guidance, "checkpoint_every": a.checkpoint_every, "seed": a.seed,
                               "prediction_type": a.prediction_type}.items() if v is not None}
-    if a.resume and common.has_state(a.out):
-        saved = common.saved_config(a.out)
-        given = {k: ("--" + k.replace("_", "-"), v) for k, v in over.items() if k != "steps"}
-        if a.vae is not None:
-            given["vae"] = ("--vae", a.vae)
-        if a.no_bf16:
-            given["bf16"] = ("--no-bf16", False)
-        check_resume(a.out, saved, given, "train-t2i-teacher")
-        cfg = build_config(lambda: T2ITeacherConfig(vae=saved["vae"], steps=a.steps or saved["steps"]))
+    saved = _resume_t2i(a, over, {"vae": ("--vae", a.vae)} if a.vae is not None else {}, "train-t2i-teacher")
+    if saved is not None:         # the run's own settings (train_t2i_teacher reads them); only --steps may change
+        cfg = build_config(lambda: T2ITeacherConfig(vae=saved.get("vae") or a.vae or "?",
+                                                    steps=a.steps or saved.get("steps") or T2ITeacherConfig.steps))
     else:
+        if a.vae is None and a.resume:
+            raise ValueError(f"train-t2i-teacher: nothing to resume in {a.out!r}")
         if a.vae is None:
             raise UsageError("--vae: the VAE folder is required (train one with flashcore train-vae)")
         cfg = build_config(lambda: T2ITeacherConfig(vae=a.vae, bf16=not a.no_bf16, **over))

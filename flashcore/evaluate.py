@@ -207,7 +207,7 @@ def evaluate(model_dir: str, features: str | list[str] | tuple[str, ...] | None 
     ds = fdata.load(meta["data"])
     conditions = torch.arange(samples) % model.cfg.num_classes
     labels, prompt_info = conditions, None
-    if model.cfg.conditioning == "text":
+    if getattr(model.cfg, "conditioning", "class") == "text":
         bank = list(meta["prompts"])
         digits = [fdata.caption_digit(p) for p in bank]
         bad = [p for p, d in zip(bank, digits) if d is None]
@@ -215,8 +215,11 @@ def evaluate(model_dir: str, features: str | list[str] | tuple[str, ...] | None 
             raise ValueError(f"eval: the prompt {bad[0]!r} is not a caption of a digit in one of flashcore.data's "
                              "phrasings; eval scores a text model by the digit its prompt names")
         labels = torch.tensor(digits)[conditions]
+        norm = [" ".join(p.lower().split()) for p in bank]
+        held = [p in fdata.caption_bank(held_out=True) for p in norm]
         prompt_info = {"count": len(bank), "file": prompts if isinstance(prompts, str) else None,
-                       "held_out": all(p in fdata.caption_bank(held_out=True) for p in bank),
+                       "held_out": all(held),
+                       "phrasings": "held-out" if all(held) else "trained" if not any(held) else "mixed",
                        "prompts": bank}
     x_ref, y_ref = fdata.split(ds, "eval")
     x_tr, y_tr = fdata.split(ds, "train")
@@ -278,6 +281,6 @@ def summary(r: dict) -> str:
         for n, label in (("background", "background"), ("midtone_share", "mid-tone share"), ("stroke", "stroke"))))
     if r.get("prompts"):
         lines.append(f"prompt accuracy ({r['prompts']['count']} prompts, "
-                     f"{'held-out' if r['prompts']['held_out'] else 'trained'} phrasings): {r['accuracy']:.3f}")
+                     f"{r['prompts']['phrasings']} phrasings): {r['accuracy']:.3f}")
     lines.append(f"validation space (picks students, not reported): {r['validation_space']['path']}")
     return "\n".join(lines)

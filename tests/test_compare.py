@@ -191,25 +191,26 @@ def test_a_chunked_cell_after_a_crash_is_the_uninterrupted_run(tiny_teacher, net
 
 def test_cached_eval_is_reused_only_for_the_same_request(tmp_path, monkeypatch):
     """The ablation's and the head-to-head's eval cache answers a request again only when
-    model, samples, steps, seed, feature spaces and the sampling settings all match."""
+    model, samples, steps, seed, feature spaces and every sampling argument match as given
+    (None, the model's own setting, is not taken for an explicit value)."""
     import flashcore.evaluate as ev
     from flashcore.train.ablate import _eval_cached
     calls = []
 
-    def fake(model, features, *, steps, samples, seed, guidance=None, noise_correction=True, clip=0.0,
-             compile=False, dtype=torch.float32, **kw):
+    def fake(model, features, *, steps, samples, seed, **kw):
         calls.append(1)
-        return {"model": model, "samples": samples, "steps": steps, "seed": seed,
-                "guidance": 2.0 if guidance is None else guidance, "noise_correction": noise_correction,
-                "clip": clip, "compile": compile, "dtype": str(dtype).replace("torch.", ""), "n": len(calls)}
+        return {"model": model, "samples": samples, "steps": steps, "seed": seed, "n": len(calls)}
     monkeypatch.setattr(ev, "evaluate", fake)
     path = str(tmp_path / "eval.json")
     base = dict(seed=0, noise_correction=True, clip=0.0)
-    assert _eval_cached(path, "m", 3, 100, None, **base)["n"] == 1
-    assert _eval_cached(path, "m", 3, 100, None, **base)["n"] == 1                 # the same request: cached
-    assert _eval_cached(path, "m", 3, 100, None, **base, guidance=1.0)["n"] == 2    # another guidance
-    assert _eval_cached(path, "m", 3, 100, None, **{**base, "noise_correction": False}, guidance=1.0)["n"] == 3
-    assert _eval_cached(path, "m", 3, 100, None, **{**base, "clip": 1.0}, guidance=1.0)["n"] == 4
-    assert _eval_cached(path, "m", 3, 100, None, **{**base, "clip": 1.0}, guidance=1.0, compile=True)["n"] == 5
-    assert _eval_cached(path, "other", 3, 100, None, **{**base, "clip": 1.0}, guidance=1.0, compile=True)["n"] == 6
-    assert _eval_cached(path, "other", 3, 100, None, **{**base, "clip": 1.0}, guidance=1.0, compile=True)["n"] == 6
+    n = 1
+    assert _eval_cached(path, "m", 3, 100, None, **base)["n"] == n
+    assert _eval_cached(path, "m", 3, 100, None, **base)["n"] == n                 # the same request: cached
+    for change in ({"guidance": 1.0}, {"guidance": None}, {"guidance": 2.0}, {"noise_correction": False},
+                   {"clip": 1.0}, {"compile": True}, {"dtype": torch.bfloat16}, {"prompts": "p.txt"}):
+        n += 1
+        assert _eval_cached(path, "m", 3, 100, None, **{**base, **change})["n"] == n, change
+        assert _eval_cached(path, "m", 3, 100, None, **{**base, **change})["n"] == n, change
+    assert _eval_cached(path, "other", 3, 100, None, **base)["n"] == n + 1
+    assert _eval_cached(path, "other", 3, 100, ["f"], **base)["n"] == n + 2
+    assert _eval_cached(path, "other", 3, 100, ["f"], seed=1, noise_correction=True, clip=0.0)["n"] == n + 3

@@ -46,22 +46,19 @@ def _eval_cached(path: str, model: str, steps: int, samples: int, features: list
     """``flashcore eval`` in the given feature spaces (default: eval's headline ones,
     never the validation classifier that picked the students), with sampling seed
     ``seed``, cached in ``path``. A cached file is reused only when it answers the same
-    request: model, samples, steps, seed, feature spaces and every sampling setting given
-    in ``kw`` (guidance, noise correction, clip, compile, dtype); anything else is
-    evaluated afresh, so the same command gives the same JSON."""
+    request: model, samples, steps, seed, feature spaces and every other argument in ``kw``
+    as given (None, "the model's own", is a value of its own), recorded in the file as
+    ``request``; anything else is evaluated afresh, so the same command gives the same JSON."""
     from flashcore.evaluate import evaluate
     asked = list(features) if features else None
-    want = {"model": model, "samples": samples, "steps": steps, "seed": seed, "features_asked": asked}
-    for k in ("guidance", "noise_correction", "clip", "compile"):
-        if kw.get(k) is not None:            # None: the model's own, which the JSON records resolved
-            want[k] = kw[k]
-    if kw.get("dtype") is not None:
-        want["dtype"] = str(kw["dtype"]).replace("torch.", "")
+    request = json.loads(json.dumps({"model": model, "samples": samples, "steps": steps, "seed": seed,
+                                     "features": asked, **{k: kw[k] for k in sorted(kw)}}, default=str))
     if os.path.exists(path):
         r = read_json(path)
-        if all(r.get(k, 0) == v for k, v in want.items()):
+        if r.get("request") == request:
             return r
-    r = {**evaluate(model, features, steps=steps, samples=samples, seed=seed, **kw), "features_asked": asked}
+    r = {**evaluate(model, features, steps=steps, samples=samples, seed=seed, **kw), "features_asked": asked,
+         "request": request}
     write_json(path, r)
     return r
 

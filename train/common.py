@@ -391,6 +391,59 @@ class LossLog:
             f.write(f"{step}," + ",".join(f"{v:.6g}" for v in values) + f",{time.time() - self.t0:.1f}\n")
 
 
+def start_config(cfg, cls, run_dir: str, resume: bool, what: str):
+    """A trainer's config as it will run: its thread count applied, a resumed run's saved
+    settings (only ``steps`` taken from ``cfg``), bf16 as this CPU allows (``native_bf16``)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if resume:
+        cfg = dataclasses.replace(saved_config_as(run_dir, cls), steps=cfg.steps)
+    return native_bf16(cfg, "cpu", what, resume=resume)
+
+
+def run_steps(what: str, cfg, run_dir: str, step: int, max_steps_this_call: int | None, progress_on: bool,
+              log: "LossLog", opt: torch.optim.Optimizer, body, checkpoint, last=None) -> int:
+    """The loop the single-network trainers share (train-teacher, train-vae, train-t2i-teacher):
+    from ``step`` to ``cfg.steps`` (at most ``max_steps_this_call`` more), the learning rate
+    warmed up linearly to ``cfg.lr`` over ``cfg.warmup`` steps, ``body(step)`` (one optimiser
+    step; returns the figures to log, in the log's column order, also shown on the progress
+    bar), ``checkpoint(step)`` every ``cfg.checkpoint_every`` steps and at the end, then
+    ``last(step)`` if given (interrupted runs too). Ctrl-C or SIGTERM finishes the step,
+    checkpoints and raises ``Interrupted``. Returns the last step."""
+    stop = GracefulStop()
+    end = cfg.steps if max_steps_this_call is None else min(cfg.steps, step + max_steps_this_call)
+    bar = progress(cfg.steps, step, what, progress_on)
+    try:
+        while step < end and not stop.requested:
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+            figures = body(step)
+            step += 1
+            log.append(step, list(figures.values()))
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in figures.items()})
+            if step % cfg.checkpoint_every == 0 and step < end:
+                checkpoint(step)
+    finally:
+        bar.close()
+        stop.restore()
+    checkpoint(step)
+    if last is not None:
+        last(step)
+    stop.raise_if_stopped(what, "step", step, cfg.steps, run_dir)
+    return step
+
+
+def descend(loss: torch.Tensor, params, opt: torch.optim.Optimizer, step: int, max_norm: float = 1.0) -> None:
+    """One optimiser step on ``loss``: the NaN guard, backward, the gradient clipped to
+    ``max_norm`` (its norm guarded too), the update."""
+    check_finite(loss, step)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    check_finite(torch.nn.utils.clip_grad_norm_(params, max_norm), step)
+    opt.step()
+
+
 def check_finite(loss: torch.Tensor, step: int) -> None:
     v = float(loss.detach())
     if not math.isfinite(v):

@@ -11,8 +11,10 @@ et al. 2022), on the train split's images x in [-1, 1]:
     mu, logvar = E(x);  z = mu + exp(logvar / 2) n,  n ~ N(0, I);  x' = D(z)
     loss = mean |x' - x| + kl_weight * mean(0.5 (mu^2 + exp(logvar) - 1 - logvar))
 
-and at export the latent scale of latent diffusion: ``scaling_factor = 1 / std(mu)`` over
-the train split, so the diffusion model sees latents of about unit variance.
+and at export a latent scale as latent diffusion sets one: ``scaling_factor = 1 / std(mu)``,
+the posterior means over the train split (latent diffusion takes the std of sampled
+latents; with the small KL weight the posterior std is small beside the means), so the
+diffusion model sees latents of about unit variance.
 
 Teacher: the class teacher's objective (train/teacher.py) in latent space with a prompt
 in place of the label. Each image gets a caption of its digit in one of the trained
@@ -79,6 +81,7 @@ class VaeConfig:
     lr: float = 1e-3
     warmup: int = 100
     kl_weight: float = 1e-4        # against the mean absolute pixel error; small: a sharp decoder first
+    weight_decay: float = 0.01     # AdamW's (torch's default, which the shipped VAE trained with)
     latent_channels: int = 4
     width: int = 32                # block_out_channels (w, 2w, 2w): 28x28 -> 7x7 latents
     checkpoint_every: int = 500
@@ -90,11 +93,13 @@ class VaeConfig:
         check_fields(self, VAE_RANGES, "train-vae")
         check_str("train-vae", "data", self.data)
         check_bool("train-vae", self, ("bf16",))
+        if self.width % min(16, self.width):
+            raise ValueError(f"train-vae: width must be a multiple of 16 (group norm) or below 16; got {self.width}")
 
 
 VAE_RANGES = {
     "steps": COUNT, "batch_size": COUNT, "lr": LR, "warmup": Range(int, 0, 10 ** 9),
-    "kl_weight": Range(float, 0, 1), "latent_channels": Range(int, 1, 64), "width": Range(int, 8, 1024),
+    "kl_weight": Range(float, 0, 1), "weight_decay": Range(float, 0, 10), "latent_channels": Range(int, 1, 64), "width": Range(int, 8, 1024),
     "checkpoint_every": COUNT, "seed": SEED, "threads": Range(int, 0, 4096),
 }
 
@@ -173,11 +178,7 @@ def train_vae(cfg: VaeConfig, run_dir: str, resume: bool = False, progress: bool
 
 
 def _train_vae(cfg: VaeConfig, run_dir: str, resume: bool, progress: bool, max_steps_this_call) -> str:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if resume:
-        cfg = dataclasses.replace(common.saved_config_as(run_dir, VaeConfig), steps=cfg.steps)
-    cfg = common.native_bf16(cfg, "cpu", "train-vae", resume=resume)
+    cfg = common.start_config(cfg, VaeConfig, run_dir, resume, "train-vae")
     ds = fdata.load(cfg.data)
     x_train, _ = fdata.split(ds, "train")
     c, h, w = ds.shape
@@ -186,7 +187,7 @@ def _train_vae(cfg: VaeConfig, run_dir: str, resume: bool, progress: bool, max_s
                          f"{cfg.data!r} has {h}x{w}")
     torch.manual_seed(cfg.seed)
     vae = build_vae(cfg, c, h).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
     if resume:
@@ -194,10 +195,8 @@ def _train_vae(cfg: VaeConfig, run_dir: str, resume: bool, progress: bool, max_s
     log = common.LossLog(run_dir, step if resume else None)
     log.set_header(["loss", "l1", "kl"])
 
-    def checkpoint(s: int, final: bool) -> None:
+    def checkpoint(s: int) -> None:
         common.save_state(run_dir, s, {"vae": vae}, {"opt": opt}, {"data": gen}, cfg)
-        if final:
-            export_vae(run_dir, vae, cfg, s, x_train, ds)
         with torch.no_grad():                 # a picture: real images over their reconstructions
             x = x_train[::max(1, len(x_train) // 32)][:32]          # every class (the split is sorted)
             rec = vae.eval()(x).sample
@@ -205,38 +204,21 @@ def _train_vae(cfg: VaeConfig, run_dir: str, resume: bool, progress: bool, max_s
         save_png(grid(torch.cat([x, rec.clamp(-1, 1)]), nrow=16), os.path.join(run_dir, "samples",
                                                                             f"step_{s:06d}.png"), scale=2)
 
-    stop = common.GracefulStop()
-    end = cfg.steps if max_steps_this_call is None else min(cfg.steps, step + max_steps_this_call)
-    bar = common.progress(cfg.steps, step, "train-vae", progress)
-    try:
-        while step < end and not stop.requested:
-            x = x_train[torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)]
-            n = torch.randn((cfg.batch_size, cfg.latent_channels, h // 4, w // 4), generator=gen)
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                post = vae.encode(x).latent_dist
-                mu, logvar = post.mean.float(), post.logvar.float()
-                rec = vae.decode(mu + torch.exp(0.5 * logvar) * n).sample
-            l1 = (rec.float() - x).abs().mean()
-            kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).mean()
-            loss = l1 + cfg.kl_weight * kl
-            common.check_finite(loss, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            common.check_finite(torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0), step)
-            opt.step()
-            step += 1
-            log.append(step, [loss.item(), l1.item(), kl.item()])
-            bar.update(1)
-            bar.set_postfix(l1=f"{l1.item():.4f}", kl=f"{kl.item():.2f}")
-            if step % cfg.checkpoint_every == 0 and step < end:
-                checkpoint(step, final=False)
-    finally:
-        bar.close()
-        stop.restore()
-    checkpoint(step, final=True)
-    stop.raise_if_stopped("train-vae", "step", step, cfg.steps, run_dir)
+    def body(step: int) -> dict:
+        x = x_train[torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)]
+        n = torch.randn((cfg.batch_size, cfg.latent_channels, h // 4, w // 4), generator=gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            post = vae.encode(x).latent_dist
+            mu, logvar = post.mean.float(), post.logvar.float()
+            rec = vae.decode(mu + torch.exp(0.5 * logvar) * n).sample
+        l1 = (rec.float() - x).abs().mean()
+        kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).mean()
+        loss = l1 + cfg.kl_weight * kl
+        common.descend(loss, vae.parameters(), opt, step)
+        return {"loss": loss.item(), "l1": l1.item(), "kl": kl.item()}
+
+    common.run_steps("train-vae", cfg, run_dir, step, max_steps_this_call, progress, log, opt, body, checkpoint,
+                     last=lambda s: export_vae(run_dir, vae, cfg, s, x_train, ds))
     return os.path.join(run_dir, "vae")
 
 
@@ -267,6 +249,7 @@ class T2ITeacherConfig:
     batch_size: int = 128
     lr: float = 5e-4
     warmup: int = 200
+    weight_decay: float = 0.01     # AdamW's (torch's default, which the shipped teacher trained with)
     ema_decay: float = 0.999
     p_uncond: float = 0.1
     guidance: float = 2.0          # saved with the pipeline: its default CFG scale
@@ -287,13 +270,16 @@ class T2ITeacherConfig:
         check_str("train-t2i-teacher", "data", self.data)
         check_bool("train-t2i-teacher", self, ("bf16",))
         check_choice("train-t2i-teacher", "prediction_type", self.prediction_type, ("epsilon", "v_prediction"))
+        if self.width % 16 or self.text_width % 4:
+            raise ValueError(f"train-t2i-teacher: width must be a multiple of 16 (group norm) and text_width of 4 "
+                             f"(attention heads); got {self.width} and {self.text_width}")
         if not isinstance(self.schedule, ScheduleConfig):
             self.schedule = ScheduleConfig(**self.schedule)
 
 
 T2I_RANGES = {
     "steps": COUNT, "batch_size": COUNT, "lr": LR, "warmup": Range(int, 0, 10 ** 9), "ema_decay": DECAY,
-    "p_uncond": Range(float, 0, 1, hi_open=True), "guidance": GUIDANCE, "width": Range(int, 16, 1024),
+    "weight_decay": Range(float, 0, 10), "p_uncond": Range(float, 0, 1, hi_open=True), "guidance": GUIDANCE, "width": Range(int, 16, 1024),
     "text_width": Range(int, 8, 1024), "text_layers": Range(int, 1, 24), "sample_steps": Range(int, 1, 1000),
     "checkpoint_every": COUNT, "seed": SEED, "threads": Range(int, 0, 4096),
 }
@@ -373,16 +359,14 @@ def train_t2i_teacher(cfg: T2ITeacherConfig, run_dir: str, resume: bool = False,
 
 
 def _train_t2i(cfg: T2ITeacherConfig, run_dir: str, resume: bool, progress: bool, max_steps_this_call) -> str:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if resume:
-        cfg = dataclasses.replace(common.saved_config_as(run_dir, T2ITeacherConfig), steps=cfg.steps)
-    cfg = common.native_bf16(cfg, "cpu", "train-t2i-teacher", resume=resume)
+    cfg = common.start_config(cfg, T2ITeacherConfig, run_dir, resume, "train-t2i-teacher")
     vae = load_vae(cfg.vae)
     ds = fdata.load(cfg.data)
     if ds.shape[0] != vae.config.in_channels:
         raise ValueError(f"train-t2i-teacher: the VAE takes {vae.config.in_channels} channels, {cfg.data!r} "
                          f"has {ds.shape[0]}")
+    if ds.classes != [str(i) for i in range(10)]:
+        raise ValueError(f"train-t2i-teacher: captions name digits 0-9; {cfg.data!r} has classes {ds.classes[:12]}")
     x_train, y_train = fdata.split(ds, "train")
     bank = fdata.caption_bank()                 # digit d's captions are bank[d * per_digit: (d + 1) * per_digit]
     per_digit = len(bank) // len(fdata.DIGIT_WORDS)
@@ -399,12 +383,20 @@ def _train_t2i(cfg: T2ITeacherConfig, run_dir: str, resume: bool, progress: bool
     torch.manual_seed(cfg.seed)
     model = build_t2i(cfg, tok, mu.shape[1], mu.shape[2], max_length).train()
     ema = common.make_ema(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
+    # the latent space the run trains in: a resumed run must find the same VAE weights and scale
+    vae_id = {"vae_sha256": ck.sha256(os.path.join(cfg.vae, "diffusion_pytorch_model.safetensors")),
+              "scaling_factor": scale}
     if resume:
         step = common.load_state(run_dir, {"model": model, "ema": ema}, {"opt": opt}, {"data": gen},
                                  "T2ITeacherConfig")["step"]
+        was = common.saved_extra(run_dir)
+        if was and was != vae_id:
+            raise ValueError(f"train-t2i-teacher: the VAE in {cfg.vae!r} is not the one the run in {run_dir!r} "
+                             f"started with (weights or scaling factor changed); a resumed run must keep its "
+                             f"latent space")
     log = common.LossLog(run_dir, step if resume else None)
 
     def target(z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -414,46 +406,29 @@ def _train_t2i(cfg: T2ITeacherConfig, run_dir: str, resume: bool, progress: bool
         return a * eps - s * z0
 
     def checkpoint(s: int) -> None:
-        common.save_state(run_dir, s, {"model": model, "ema": ema}, {"opt": opt}, {"data": gen}, cfg)
+        common.save_state(run_dir, s, {"model": model, "ema": ema}, {"opt": opt}, {"data": gen}, cfg, vae_id)
         export_t2i(run_dir, ema, tok, vae, cfg, s)
         sample_grid_t2i(ema, tok, vae, cfg, os.path.join(run_dir, "samples", f"step_{s:06d}.png"))
 
-    stop = common.GracefulStop()
-    end = cfg.steps if max_steps_this_call is None else min(cfg.steps, step + max_steps_this_call)
-    bar = common.progress(cfg.steps, step, "train-t2i-teacher", progress)
-    try:
-        while step < end and not stop.requested:
-            b = cfg.batch_size
-            idx = torch.randint(0, len(x_train), (b,), generator=gen)
-            n = torch.randn((b,) + mu.shape[1:], generator=gen)
-            z0 = scale * (mu[idx] + torch.exp(0.5 * logvar[idx]) * n)
-            phr = torch.randint(0, per_digit, (b,), generator=gen)
-            cond = y_train[idx] * per_digit + phr
-            cond = torch.where(torch.rand(b, generator=gen) < cfg.p_uncond, torch.full_like(cond, null), cond)
-            t = torch.randint(0, sched.T + 1, (b,), generator=gen)
-            eps = torch.randn(z0.shape, generator=gen)
-            z_t = sched.add_noise(z0, eps, t)
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                states = model.text_encoder(ids)[0]                            # the bank once a step
-                pred = model.unet(z_t, t, encoder_hidden_states=states[cond]).sample
-            loss = (pred.float() - target(z0, eps, t)).square().mean()
-            common.check_finite(loss, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            common.check_finite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), step)
-            opt.step()
-            common.ema_update(ema, model, cfg.ema_decay if step >= cfg.warmup else 0.0)
-            step += 1
-            log.append(step, [loss.item()])
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if step % cfg.checkpoint_every == 0 and step < end:
-                checkpoint(step)
-    finally:
-        bar.close()
-        stop.restore()
-    checkpoint(step)
-    stop.raise_if_stopped("train-t2i-teacher", "step", step, cfg.steps, run_dir)
+    def body(step: int) -> dict:
+        b = cfg.batch_size
+        idx = torch.randint(0, len(x_train), (b,), generator=gen)
+        n = torch.randn((b,) + mu.shape[1:], generator=gen)
+        z0 = scale * (mu[idx] + torch.exp(0.5 * logvar[idx]) * n)
+        phr = torch.randint(0, per_digit, (b,), generator=gen)
+        cond = y_train[idx] * per_digit + phr
+        cond = torch.where(torch.rand(b, generator=gen) < cfg.p_uncond, torch.full_like(cond, null), cond)
+        t = torch.randint(0, sched.T + 1, (b,), generator=gen)
+        eps = torch.randn(z0.shape, generator=gen)
+        z_t = sched.add_noise(z0, eps, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            states = model.text_encoder(ids)[0]                            # the bank once a step
+            pred = model.unet(z_t, t, encoder_hidden_states=states[cond]).sample
+        loss = (pred.float() - target(z0, eps, t)).square().mean()
+        common.descend(loss, model.parameters(), opt, step)
+        common.ema_update(ema, model, cfg.ema_decay if step >= cfg.warmup else 0.0)
+        return {"loss": loss.item()}
+
+    common.run_steps("train-t2i-teacher", cfg, run_dir, step, max_steps_this_call, progress, log, opt, body,
+                     checkpoint)
     return os.path.join(run_dir, "teacher")

@@ -98,11 +98,7 @@ def train_teacher(cfg: TeacherConfig, run_dir: str, resume: bool = False, progre
 
 def _train_teacher(cfg: TeacherConfig, run_dir: str, resume: bool, progress: bool,
                    max_steps_this_call: int | None) -> str:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if resume:
-        cfg = dataclasses.replace(common.saved_config_as(run_dir, TeacherConfig), steps=cfg.steps)
-    cfg = common.native_bf16(cfg, "cpu", "train-teacher", resume=resume)
+    cfg = common.start_config(cfg, TeacherConfig, run_dir, resume, "train-teacher")
     ds = fdata.load(cfg.data, size=cfg.model.sample_size, channels=cfg.model.channels)
     if ds.shape != (cfg.model.channels, cfg.model.sample_size, cfg.model.sample_size):
         cfg.model = dataclasses.replace(cfg.model, channels=ds.shape[0], sample_size=ds.shape[1])
@@ -128,37 +124,19 @@ def _train_teacher(cfg: TeacherConfig, run_dir: str, resume: bool, progress: boo
         sample_grid(ema, sched, cfg, ds.shape, os.path.join(run_dir, "samples", f"step_{s:06d}.png"),
                     cfg.sample_steps, cfg.guidance)
 
-    stop = common.GracefulStop()
-    end = cfg.steps if max_steps_this_call is None else min(cfg.steps, step + max_steps_this_call)
-    bar = common.progress(cfg.steps, step, "train-teacher", progress)
-    try:
-        while step < end and not stop.requested:
-            idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
-            x0, c = x_train[idx], y_train[idx]                              # (B, C, H, W), (B,)
-            t = torch.randint(0, sched.T + 1, (cfg.batch_size,), generator=gen)
-            eps = torch.randn(x0.shape, generator=gen)
-            c = model.drop_labels(c, cfg.p_uncond, generator=gen)
-            x_t = sched.add_noise(x0, eps, t)
-            for gparam in opt.param_groups:
-                gparam["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                pred = model.raw(x_t, t, c)                              # eps or v (prediction_type)
-            loss = (pred.float() - model.target(x0, eps, t)).square().mean()
-            common.check_finite(loss, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            common.check_finite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), step)
-            opt.step()
-            common.ema_update(ema, model, cfg.ema_decay if step >= cfg.warmup else 0.0)
-            step += 1
-            log.append(step, [loss.item()])
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if step % cfg.checkpoint_every == 0 and step < end:
-                checkpoint(step)
-    finally:
-        bar.close()
-        stop.restore()
-    checkpoint(step)
-    stop.raise_if_stopped("train-teacher", "step", step, cfg.steps, run_dir)
+    def body(step: int) -> dict:
+        idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
+        x0, c = x_train[idx], y_train[idx]                              # (B, C, H, W), (B,)
+        t = torch.randint(0, sched.T + 1, (cfg.batch_size,), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        c = model.drop_labels(c, cfg.p_uncond, generator=gen)
+        x_t = sched.add_noise(x0, eps, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            pred = model.raw(x_t, t, c)                                  # eps or v (prediction_type)
+        loss = (pred.float() - model.target(x0, eps, t)).square().mean()
+        common.descend(loss, model.parameters(), opt, step)
+        common.ema_update(ema, model, cfg.ema_decay if step >= cfg.warmup else 0.0)
+        return {"loss": loss.item()}
+
+    common.run_steps("train-teacher", cfg, run_dir, step, max_steps_this_call, progress, log, opt, body, checkpoint)
     return os.path.join(run_dir, "teacher")
