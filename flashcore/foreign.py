@@ -444,7 +444,7 @@ def save_model(model: Denoiser, path: str, meta: dict, dtype: torch.dtype = torc
     FlashcoreScheduler config holding ``meta``'s plan, the network in safetensors, the
     teacher's text encoder, tokenizer and VAE) plus ``flashcore.json`` (``meta``: the
     run's record), replaced whole (``write_dir``)."""
-    from .checkpoint import write_dir, write_json
+    from .checkpoint import portable_path, write_dir, write_json
     from .models import save_pretrained
     if not isinstance(model, ForeignDenoiser):
         return save_pretrained(model, path, meta, dtype)
@@ -471,5 +471,13 @@ def save_model(model: Denoiser, path: str, meta: dict, dtype: torch.dtype = torc
         for root, _, files in os.walk(d):         # diffusers leaves some files 0600; checkpoints are shared
             for f in files:
                 os.chmod(os.path.join(root, f), 0o644)
+            # a component loaded from a folder records it (_name_or_path): as a shipped file does, never
+            # as this machine's absolute path
+            cfg_file = os.path.join(root, "config.json")
+            if "config.json" in files and root != d:
+                c = read_json(cfg_file)
+                if isinstance(c, dict) and isinstance(c.get("_name_or_path"), str) and os.path.isabs(c["_name_or_path"]):
+                    c["_name_or_path"] = portable_path(c["_name_or_path"], path)
+                    write_json(cfg_file, c)
         write_json(os.path.join(d, "flashcore.json"), record)
     write_dir(path, write)

@@ -149,6 +149,10 @@ def test_distill_from_it_needs_the_flags_then_loads_and_evaluates(tiny_t2i, tmp_
     code, _, err = cli_run(base + ["--no-adversarial", "--val-every", "0", "--checkpoint-every", "2"], capsys)
     assert code == 0, err
     student = os.path.join(run, "student")
+    for part in ("unet", "vae", "text_encoder"):      # loaded from the teacher's folder: recorded, never absolute
+        with open(os.path.join(student, part, "config.json")) as f:
+            recorded = json.load(f).get("_name_or_path")
+        assert recorded is None or not os.path.isabs(recorded), (part, recorded)
     # eval: prompt accuracy on held-out phrasings, scored on decoded images
     prompts = str(tmp_path / "held.txt")
     with open(prompts, "w") as f:

@@ -331,9 +331,10 @@ def export_t2i(run_dir: str, ema: TextToImage, tok, vae, cfg: T2ITeacherConfig, 
     from flashcore.foreign import save_model
     out = os.path.join(run_dir, "teacher")
     model = _pipeline_model(ema, tok, vae, cfg, fdata.caption_bank())
+    train_config = {**dataclasses.asdict(cfg), "vae": ck.portable_path(cfg.vae, out)}     # no machine's paths
     save_model(model, out, {"kind": "teacher", "guidance": cfg.guidance, "data": cfg.data,
                             "schedule": dataclasses.asdict(cfg.schedule), "train_steps": step,
-                            "train_config": dataclasses.asdict(cfg)}, dtype=torch.float16)
+                            "train_config": train_config}, dtype=torch.float16)
     return out
 
 
