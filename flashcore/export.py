@@ -73,17 +73,25 @@ class SamplerModule(nn.Module):
         super().__init__()
         self.model, self.plan, self.guidance, self.clip, self.net_dtype = model, plan, guidance, clip, net_dtype
 
+    def _eps(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """eps at x: only the network runs in ``net_dtype``; a v-prediction's conversion to eps
+        stays in x's float32 (in bfloat16 its rounding, divided by a small a_t in the update,
+        grows to percents of x0)."""
+        out = self.model.raw(x.to(self.net_dtype), t, labels).to(x.dtype)
+        return self.model.eps_from(x, t, out)
+
     def forward(self, x_T: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x, x0 = x_T, x_T
+        b = x_T.shape[0]
         for step in self.plan:
             t = torch.full_like(labels, step.t)
-            xin = x.to(self.net_dtype)
-            if self.guidance != 1.0:
-                eps_c, eps_u = self.model.eps_cfg(xin, t, labels)
-                eps_u = eps_u.to(x.dtype)
+            if self.guidance != 1.0:            # conditional and null in one batch of 2B, as eps_cfg
+                null = torch.full_like(labels, self.model.null_label)
+                eps = self._eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
+                eps_c, eps_u = eps[:b], eps[b:]
             else:
-                eps_c, eps_u = self.model(xin, t, labels), None
-            x, x0 = apply(step, x, eps_c.to(x.dtype), eps_u, x_T, guidance=self.guidance, clip=self.clip)
+                eps_c, eps_u = self._eps(x, t, labels), None
+            x, x0 = apply(step, x, eps_c, eps_u, x_T, guidance=self.guidance, clip=self.clip)
         return x0
 
 
@@ -111,7 +119,8 @@ def load_sampler(cfg: ExportConfig):
     clip = cfg.clip if cfg.clip is not None else float(meta.get("clip") or 0.0)
     plan = StepPlan.build(schedule, steps, noise_correction=nc)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    model = model.to(dtype).requires_grad_(False)     # weights traced as constants (ONNX)
+    model = model.requires_grad_(False)               # weights traced as constants (ONNX)
+    model.net.to(dtype)                               # the network's weights only: the schedule stays float32
     mod = SamplerModule(model, plan, guidance=guidance, clip=clip, net_dtype=dtype).eval()
     c, s = model.cfg.channels, model.cfg.sample_size
     info = {"batch": cfg.batch, "channels": c, "height": s, "width": s, "num_classes": model.cfg.num_classes,

@@ -120,7 +120,10 @@ class Denoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """eps prediction (B, C, H, W)."""
-        out = self.raw(x, t, labels)
+        return self.eps_from(x, t, self.raw(x, t, labels))
+
+    def eps_from(self, x: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """eps from the network's output ``out`` (eps or v) at x_t = ``x``, in ``x``'s dtype."""
         if self.cfg.prediction_type == "epsilon":
             return out
         a, s = self._a[t].view(-1, 1, 1, 1), self._s[t].view(-1, 1, 1, 1)          # (B, 1, 1, 1)
