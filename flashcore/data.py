@@ -173,10 +173,15 @@ def caption_bank(held_out: bool = False) -> list[str]:
     return [caption(d, p) for d in range(len(DIGIT_WORDS)) for p in phrasings]
 
 
+def normalise_caption(prompt: str) -> str:
+    """``prompt`` with the spaces and case ``caption`` writes: lower case, single spaces."""
+    return " ".join(prompt.lower().split())
+
+
 def caption_digit(prompt: str) -> int | None:
     """The digit a caption of ``PHRASINGS`` names (any phrasing, trained or held out), or None
     for text that is not one of them (spaces and case as ``caption`` writes them)."""
-    text = " ".join(prompt.lower().split())
+    text = normalise_caption(prompt)
     for d in range(len(DIGIT_WORDS)):
         if any(text == caption(d, p) for p in range(len(PHRASINGS))):
             return d

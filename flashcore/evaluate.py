@@ -215,8 +215,8 @@ def evaluate(model_dir: str, features: str | list[str] | tuple[str, ...] | None 
             raise ValueError(f"eval: the prompt {bad[0]!r} is not a caption of a digit in one of flashcore.data's "
                              "phrasings; eval scores a text model by the digit its prompt names")
         labels = torch.tensor(digits)[conditions]
-        norm = [" ".join(p.lower().split()) for p in bank]
-        held = [p in fdata.caption_bank(held_out=True) for p in norm]
+        held_out = set(fdata.caption_bank(held_out=True))
+        held = [fdata.normalise_caption(p) in held_out for p in bank]
         prompt_info = {"count": len(bank), "file": prompts if isinstance(prompts, str) else None,
                        "held_out": all(held),
                        "phrasings": "held-out" if all(held) else "trained" if not any(held) else "mixed",
